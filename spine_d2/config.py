@@ -1,0 +1,85 @@
+"""Config keys of spine-d2. Every key is new (INPUT.XRAY.*, SPINE.*, ZOI.*): detectron2's own
+defaults are left untouched, so a plain detectron2 YAML means the same thing here."""
+from detectron2.config import CfgNode as CN
+
+# Vertebral levels top to bottom; used to order and name vertebrae when levels are known.
+VERTEBRA_LEVELS = (
+    [f"C{i}" for i in range(1, 8)]
+    + [f"T{i}" for i in range(1, 13)]
+    + [f"L{i}" for i in range(1, 6)]
+    + ["S1"]
+)
+
+
+def add_spine_config(cfg):
+    """Add spine-d2's keys to a detectron2 config (idempotent)."""
+    if "SPINE" in cfg:
+        return cfg
+    _C = cfg
+
+    # ---------------------------------------------------------------- X-ray augmentation
+    _C.INPUT.XRAY = CN()
+    # Channels fed to the model: 3 = grayscale repeated (ImageNet-style backbones), 1 = single.
+    _C.INPUT.XRAY.CHANNELS = 3
+
+    # Low-dose simulation in the photon domain: scan -> line integral -> Poisson + electronic
+    # noise at a sampled dose fraction -> back to the log domain.
+    _C.INPUT.XRAY.LOW_DOSE = CN({"ENABLED": True})
+    _C.INPUT.XRAY.LOW_DOSE.PROB = 0.5  # chance of degrading a training scan
+    _C.INPUT.XRAY.LOW_DOSE.DOSE_RANGE = (0.05, 0.5)  # dose fraction of the reference dose
+    _C.INPUT.XRAY.LOW_DOSE.PHOTONS = 20000.0  # unattenuated photons per pixel at full dose
+    _C.INPUT.XRAY.LOW_DOSE.MU_MAX = 5.0  # line integral that a white (1.0) pixel stands for
+    _C.INPUT.XRAY.LOW_DOSE.ELECTRONIC_STD = 5.0  # Gaussian detector noise, in photons
+
+    _C.INPUT.XRAY.CLAHE = CN({"ENABLED": True})
+    _C.INPUT.XRAY.CLAHE.PROB = 0.3
+    _C.INPUT.XRAY.CLAHE.CLIP_LIMIT = (1.0, 3.0)  # sampled uniformly
+    _C.INPUT.XRAY.CLAHE.TILE_GRID = 8  # tiles per side
+
+    _C.INPUT.XRAY.GAMMA = CN({"ENABLED": True})
+    _C.INPUT.XRAY.GAMMA.PROB = 0.5
+    _C.INPUT.XRAY.GAMMA.RANGE = (0.7, 1.5)  # exponent, sampled log-uniformly
+
+    # Brightness/contrast as a random intensity window (what a viewer's window/level does).
+    _C.INPUT.XRAY.WINDOW = CN({"ENABLED": True})
+    _C.INPUT.XRAY.WINDOW.PROB = 0.5
+    _C.INPUT.XRAY.WINDOW.BRIGHTNESS = 0.1  # max shift of the window centre (fraction of range)
+    _C.INPUT.XRAY.WINDOW.CONTRAST = (0.8, 1.25)  # multiplicative contrast range
+
+    _C.INPUT.XRAY.BLUR = CN({"ENABLED": True})
+    _C.INPUT.XRAY.BLUR.PROB = 0.2
+    _C.INPUT.XRAY.BLUR.SIGMA_RANGE = (0.3, 1.2)  # Gaussian sigma in pixels
+
+    # MONOCHROME1 vs MONOCHROME2: sites disagree on whether bone is bright.
+    _C.INPUT.XRAY.INVERT = CN({"ENABLED": False})
+    _C.INPUT.XRAY.INVERT.PROB = 0.1
+
+    _C.INPUT.XRAY.ROTATION = CN({"ENABLED": True})
+    _C.INPUT.XRAY.ROTATION.ANGLE = 10.0  # degrees, sampled in [-ANGLE, ANGLE]
+
+    _C.INPUT.XRAY.SCALE_JITTER = CN({"ENABLED": True})
+    _C.INPUT.XRAY.SCALE_JITTER.RANGE = (0.85, 1.15)  # extra scale after the resize
+
+    _C.INPUT.XRAY.HFLIP = CN({"ENABLED": True})
+    _C.INPUT.XRAY.HFLIP.PROB = 0.5
+
+    # ---------------------------------------------------------------- datasets and levels
+    _C.SPINE = CN()
+    # Extra COCO datasets registered at setup, without code: [[name, json_file, image_root], ...]
+    _C.SPINE.COCO_DATASETS = []
+    # On invalid COCO records: False raises naming the record, True skips and logs counts.
+    _C.SPINE.SKIP_INVALID_ANNOTATIONS = False
+    # Ordered level names, top to bottom.
+    _C.SPINE.LEVELS = list(VERTEBRA_LEVELS)
+
+    _C.SPINE.EVAL = CN()
+    _C.SPINE.EVAL.IOU_THRESH = 0.5  # mask IoU for a prediction to count as finding a vertebra
+    _C.SPINE.EVAL.SCORE_THRESH = 0.5  # predictions below this score are ignored by VertebraEvaluator
+
+    # ---------------------------------------------------------------- ZOI export
+    _C.ZOI = CN()
+    _C.ZOI.EXPORT_AFTER_EVAL = False  # run ZOIExportHook after the final evaluation
+    _C.ZOI.DATASETS = []  # splits to export; empty = DATASETS.TEST
+    _C.ZOI.MARGIN = 4  # pixels added around each ZOI's bounding box
+    _C.ZOI.SCORE_THRESH = 0.5  # predictions below this are not exported
+    return cfg
