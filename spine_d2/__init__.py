@@ -9,6 +9,7 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         "spine-d2 needs detectron2 0.6: run `make install` or `python tools/install_detectron2.py`"
     ) from e
 
+from . import data  # noqa: F401  (registers the built-in datasets)
 from .config import VERTEBRA_LEVELS, add_spine_config
 from .errors import DatasetError, ScanReadError, SpineError
 

@@ -1,0 +1,11 @@
+"""Data: one scan reader, dataset registration (done at import), X-ray mapper and augmentations."""
+from .datasets import (
+    BUILTIN_SPLITS,
+    load_spine_coco,
+    register_builtin,
+    register_from_config,
+    register_spine_coco,
+)
+from .io import Scan, read_scan
+
+register_builtin()

@@ -1,0 +1,51 @@
+# spine-d2: `make demo` (train + evaluate on the built-in data) and `make test` each work alone
+# on a fresh machine: both set up .venv first when it is missing or out of date.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The tested torch pair (a CUDA build that also runs on the CPU). Override for another CUDA.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CONFIG ?= configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml
+OUTPUT_DIR ?= $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(CONFIG) | tail -1)
+PYTEST_ARGS ?= -q -n 2 --durations=10
+export DETECTRON2_DATASETS ?= datasets
+
+.PHONY: install test demo data train eval lint clean-venv
+
+$(VENV)/.installed: setup.py tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv with torch, detectron2 and spine-d2 (idempotent)
+
+test: $(VENV)/.installed  ## run the test suite (exit 0 also when no tests are collected)
+	@$(PY) -m pytest $(PYTEST_ARGS) tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
+
+data: $(VENV)/.installed  ## generate the built-in DRR dataset under $DETECTRON2_DATASETS
+	@if [ -f datasets/prepare_spine_drr.py ]; then $(PY) datasets/prepare_spine_drr.py; \
+	else echo "The built-in DRR dataset generator (datasets/prepare_spine_drr.py) is not in this version yet;"; \
+	echo "register your own COCO data: tools/train_net.py --config-file $(CONFIG) SPINE.COCO_DATASETS \"[['my_train','train.json','images']]\" DATASETS.TRAIN \"('my_train',)\""; exit 1; fi
+
+train: $(VENV)/.installed  ## train $(CONFIG) (resumes from its last checkpoint)
+	$(PY) tools/train_net.py --config-file $(CONFIG) --resume
+
+eval: $(VENV)/.installed  ## evaluate the newest model of $(CONFIG) on its test split
+	@test -f $(OUTPUT_DIR)/model_final.pth || { echo "No trained model at $(OUTPUT_DIR)/model_final.pth: run 'make train' (or 'make demo') first."; exit 1; }
+	$(PY) tools/train_net.py --config-file $(CONFIG) --eval-only MODEL.WEIGHTS $(OUTPUT_DIR)/model_final.pth
+	@echo "Results: $(OUTPUT_DIR)/inference/eval_results.json"
+
+demo: $(VENV)/.installed  ## train + evaluate the CPU config on the built-in data
+	@test -f $(DETECTRON2_DATASETS)/spine_drr/annotations/train.json || { echo "The built-in dataset is missing under $(DETECTRON2_DATASETS)/spine_drr: run 'make data' first."; exit 1; }
+	$(MAKE) train eval
+
+lint: $(VENV)/.installed
+	$(PY) -m black --line-length 100 --check spine_d2 tools tests datasets benchmarks setup.py
+	$(PY) -m isort --profile black --line-length 100 --check-only spine_d2 tools tests datasets benchmarks setup.py
+
+clean-venv:
+	rm -rf $(VENV)

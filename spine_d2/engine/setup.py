@@ -1,0 +1,45 @@
+"""Config setup shared by train_net, make eval and the tests: one path from YAML to a frozen cfg."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import default_setup
+
+from ..config import add_spine_config
+from ..data.datasets import register_from_config
+from ..errors import SpineError
+
+__all__ = ["build_config", "setup"]
+
+
+def build_config(config_file: str, opts=()):
+    """get_cfg -> add spine keys -> merge file -> merge KEY VALUE opts -> resolve device -> freeze.
+
+    ``MODEL.DEVICE`` stays detectron2's "cuda" default in the YAMLs and falls back to the CPU
+    here when no GPU is present, so one config runs on both without the user touching it.
+    Datasets named in ``SPINE.COCO_DATASETS`` are registered before anything looks them up.
+    """
+    cfg = get_cfg()
+    add_spine_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger(__name__).info("No CUDA device: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    if len(cfg.MODEL.PIXEL_MEAN) != cfg.INPUT.XRAY.CHANNELS:
+        raise SpineError(
+            f"{config_file}: MODEL.PIXEL_MEAN has {len(cfg.MODEL.PIXEL_MEAN)} values but "
+            f"INPUT.XRAY.CHANNELS is {cfg.INPUT.XRAY.CHANNELS}; they must agree"
+        )
+    register_from_config(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """build_config plus detectron2's default_setup (output dir, logger, config dump, seed)."""
+    cfg = build_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    return cfg

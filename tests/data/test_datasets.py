@@ -1,0 +1,151 @@
+"""register_spine_coco: round trip, validation of each bad record kind, idempotence."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+from spine_d2.data.datasets import load_spine_coco, register_builtin, register_spine_coco
+from spine_d2.errors import DatasetError
+
+
+@pytest.fixture
+def coco(synthetic_coco):
+    json_file, image_root = synthetic_coco
+    return json.loads(Path(json_file).read_text()), image_root
+
+
+def _write(tmp_path, coco_dict):
+    p = tmp_path / "ann.json"
+    p.write_text(json.dumps(coco_dict))
+    return str(p)
+
+
+def test_round_trip_keeps_geometry_levels_and_classes(synthetic_coco):
+    json_file, image_root = synthetic_coco
+    raw = json.loads(Path(json_file).read_text())
+    name = "spine_test_roundtrip"
+    register_spine_coco(name, json_file, image_root)
+    try:
+        dicts = DatasetCatalog.get(name)
+        meta = MetadataCatalog.get(name)
+        assert len(dicts) == len(raw["images"])
+        anns = [a for d in dicts for a in d["annotations"]]
+        assert len(anns) == len(raw["annotations"])
+        by_id = {a["id"]: a for a in raw["annotations"]}
+        for a in anns:
+            src = by_id[a["id"]]
+            assert a["bbox"] == src["bbox"] and a["bbox_mode"] == BoxMode.XYWH_ABS
+            assert a["segmentation"] == src["segmentation"]
+            assert a["level"] == src["level"] and a["category_id"] == 0
+        assert Path(dicts[0]["file_name"]).is_file()
+        assert meta.thing_classes == ["vertebra"]
+        assert meta.evaluator_type == "spine_coco" and meta.json_file == json_file
+        # levels come out in anatomical order, not alphabetical
+        order = [meta.vertebra_levels.index(l) for l in ("T9", "T10") if l in meta.vertebra_levels]
+        assert order == sorted(order)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_registration_is_idempotent_and_replaceable(synthetic_coco, tmp_path):
+    json_file, image_root = synthetic_coco
+    name = "spine_test_twice"
+    register_spine_coco(name, json_file, image_root)
+    register_spine_coco(name, json_file, image_root)  # same source: no error, no change
+    assert DatasetCatalog.list().count(name) == 1
+    other = _write(tmp_path, json.loads(Path(json_file).read_text()))
+    register_spine_coco(name, other, image_root)  # new source replaces the old one
+    assert MetadataCatalog.get(name).json_file == other
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def _break(kind, coco):
+    c = copy.deepcopy(coco)
+    ann = c["annotations"][0]
+    if kind == "missing image":
+        c["images"][0]["file_name"] = "nope.png"
+    elif kind == "escaping path":
+        c["images"][0]["file_name"] = "../" + c["images"][0]["file_name"]
+    elif kind == "absolute path":
+        c["images"][0]["file_name"] = "/etc/passwd"
+    elif kind == "short polygon":
+        ann["segmentation"] = [[1.0, 1.0, 5.0, 5.0]]
+    elif kind == "degenerate polygon":
+        ann["segmentation"] = [[1.0, 1.0, 5.0, 5.0, 9.0, 9.0]]  # collinear
+    elif kind == "polygon outside":
+        ann["segmentation"] = [[1.0, 1.0, 500.0, 1.0, 500.0, 9.0]]
+    elif kind == "box outside":
+        ann["bbox"] = [100.0, 100.0, 60.0, 10.0]
+    elif kind == "empty box":
+        ann["bbox"] = [10.0, 10.0, 0.0, 5.0]
+    elif kind == "unknown category":
+        ann["category_id"] = 7
+    elif kind == "unknown image":
+        ann["image_id"] = 999
+    return c
+
+
+CASES = {
+    "missing image": "image file not found",
+    "escaping path": "escapes image_root",
+    "absolute path": "is absolute",
+    "short polygon": "coordinates",
+    "degenerate polygon": "degenerate",
+    "polygon outside": "leaves the 128x128 image",
+    "box outside": "leaves the 128x128 image",
+    "empty box": "has no area",
+    "unknown category": "unknown category_id 7",
+    "unknown image": "unknown image id",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_each_bad_record_gives_clear_error(kind, coco, tmp_path):
+    raw, image_root = coco
+    bad = _write(tmp_path, _break(kind, raw))
+    with pytest.raises(DatasetError) as e:
+        load_spine_coco(bad, image_root)
+    msg = str(e.value)
+    assert msg.startswith(bad) and CASES[kind] in msg
+    assert "\n" not in msg
+    if kind not in ("missing image", "escaping path", "absolute path"):
+        assert f"annotation id={raw['annotations'][0]['id']}" in msg
+
+
+@pytest.mark.parametrize("kind", ["short polygon", "missing image"])
+def test_skip_invalid_drops_only_bad_records(kind, coco, tmp_path, caplog):
+    raw, image_root = coco
+    bad = _write(tmp_path, _break(kind, raw))
+    dicts = load_spine_coco(bad, image_root, skip_invalid=True)
+    n_anns = sum(len(d["annotations"]) for d in dicts)
+    if kind == "short polygon":
+        assert len(dicts) == len(raw["images"]) and n_anns == len(raw["annotations"]) - 1
+    else:  # the image and all its annotations go
+        first = sum(a["image_id"] == raw["images"][0]["id"] for a in raw["annotations"])
+        assert len(dicts) == len(raw["images"]) - 1
+        assert n_anns == len(raw["annotations"]) - first
+    assert "skipped invalid records: 1 x" in caplog.text
+
+
+def test_not_json_and_missing_file(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text("{not json")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        load_spine_coco(p, tmp_path)
+    with pytest.raises(DatasetError, match="annotation file not found"):
+        load_spine_coco(tmp_path / "none.json", tmp_path)
+
+
+def test_builtin_split_missing_says_which_command_makes_it(tmp_path):
+    register_builtin(tmp_path)  # nothing generated there
+    try:
+        with pytest.raises(DatasetError, match="make data") as e:
+            DatasetCatalog.get("spine_drr_train")
+        assert str(tmp_path) in str(e.value)
+    finally:
+        register_builtin()
