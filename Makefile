@@ -40,7 +40,7 @@ eval: $(VENV)/.installed  ## evaluate the newest model of $(CONFIG) on its test 
 	@echo "Results: $(OUTPUT_DIR)/inference/eval_results.json"
 
 demo: $(VENV)/.installed  ## train + evaluate the CPU config on the built-in data
-	@test -f $(DETECTRON2_DATASETS)/spine_drr/annotations/train.json || { echo "The built-in dataset is missing under $(DETECTRON2_DATASETS)/spine_drr: run 'make data' first."; exit 1; }
+	@test -f $(DETECTRON2_DATASETS)/spine_drr/train.json || { echo "The built-in dataset is missing under $(DETECTRON2_DATASETS)/spine_drr: run 'make data' first."; exit 1; }
 	$(MAKE) train eval
 
 lint: $(VENV)/.installed

@@ -35,12 +35,12 @@ _EDGE_TOLERANCE = 1.0
 
 # name -> (json relative to the dataset root, image root relative to it, how to make it)
 BUILTIN_SPLITS = {
-    "spine_drr_train": ("spine_drr/annotations/train.json", "spine_drr/images", "make data"),
-    "spine_drr_val": ("spine_drr/annotations/val.json", "spine_drr/images", "make data"),
-    "spine_drr_test": ("spine_drr/annotations/test.json", "spine_drr/images", "make data"),
-    "spine_drr_parts_train": ("spine_drr_parts/annotations/train.json", "spine_drr_parts/images", "make data-parts"),
-    "spine_drr_parts_val": ("spine_drr_parts/annotations/val.json", "spine_drr_parts/images", "make data-parts"),
-    "spine_drr_parts_test": ("spine_drr_parts/annotations/test.json", "spine_drr_parts/images", "make data-parts"),
+    "spine_drr_train": ("spine_drr/train.json", "spine_drr/images", "make data"),
+    "spine_drr_val": ("spine_drr/val.json", "spine_drr/images", "make data"),
+    "spine_drr_test": ("spine_drr/test.json", "spine_drr/images", "make data"),
+    "spine_drr_parts_train": ("spine_drr_parts/train.json", "spine_drr_parts/images", "make data-parts"),
+    "spine_drr_parts_val": ("spine_drr_parts/val.json", "spine_drr_parts/images", "make data-parts"),
+    "spine_drr_parts_test": ("spine_drr_parts/test.json", "spine_drr_parts/images", "make data-parts"),
 }
 
 

@@ -1,0 +1,386 @@
+"""VertebraEvaluator: did the model find every vertebra, and how well does each mask fit?
+
+COCO AP ranks detections over all score thresholds; the question a ZOI export asks is simpler:
+at the working score threshold, is each ground-truth vertebra found (mask IoU >= a threshold) and
+how good is its mask. This evaluator answers that beside detectron2's COCOEvaluator.
+
+Conventions:
+- Vertebra metrics are fractions in [0, 1]; detectron2's COCO AP stays in percent.
+- A metric whose denominator is empty (e.g. precision with no predictions) is NaN, not 0 or 1.
+- Matching is greedy one-to-one by descending mask IoU, class-aware (a prediction can only
+  match a ground truth of its own class). With a single threshold and one class per image this
+  equals optimal matching except in rare ties between overlapping masks; greedy needs no scipy
+  and makes the matching at every threshold a prefix of one ordering, so the matches at IoU 0.5
+  (for ``accuracy``) come from the same pass as those at ``iou_thresh``.
+"""
+
+import itertools
+import json
+import logging
+import os
+from collections import OrderedDict, defaultdict
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+from detectron2.utils.logger import create_small_table
+
+from ..config import VERTEBRA_LEVELS
+
+logger = logging.getLogger(__name__)
+
+# The paper's acceptance criterion: a vertebra counts as found at mask IoU >= 0.5.
+ACCURACY_IOU = 0.5
+
+_SUMMARY_KEYS = (
+    "accuracy",
+    "recall",
+    "precision",
+    "f1",
+    "mean_dice",
+    "mean_iou",
+    "level_accuracy",
+    "images_with_miss",
+    "num_images",
+    "num_gt",
+    "num_pred",
+)
+
+
+class VertebraEvaluator(DatasetEvaluator):
+    """Recall, precision, Dice and per-level recall of vertebra masks at one score threshold.
+
+    Returns ``{"vertebra": {...}}`` with (fractions in [0, 1], counts as floats):
+
+    - ``recall``: matched GT / all GT; ``precision``: matched predictions / all predictions;
+      ``f1``; ``mean_dice`` and ``mean_iou`` over matched pairs (match = IoU >= ``iou_thresh``).
+    - ``accuracy``: fraction of GT vertebrae found with mask IoU >= 0.5, the paper's acceptance
+      criterion (target > 90%). It is recall at IoU 0.5, reported under the paper's name; it
+      equals ``recall`` when ``iou_thresh`` is 0.5.
+    - ``images_with_miss``: images with at least one missed GT vertebra; ``num_images``,
+      ``num_gt``, ``num_pred`` (predictions at or above ``score_thresh``).
+    - ``recall/<level>`` (e.g. ``recall/T12``) for every level seen in the GT, in level order.
+    - ``recall/<class>`` per class when the dataset has more than one class.
+    - ``level_accuracy``: among matched pairs whose GT has a level and whose prediction carries
+      one, the fraction with the same level. Predicted levels come from an optional
+      ``output["pred_levels"]`` (list of str, one per instance, before score filtering); the key
+      is absent when no prediction carries a level.
+
+    Every image of the dataset is scored: an image the model gave nothing for has all its
+    vertebrae missed. Crowd GT (``iscrowd=1``) is not counted; a prediction that is unmatched
+    but lies on a crowd region of its class (intersection / prediction area >= ``iou_thresh``)
+    is ignored rather than counted as a false positive, as in COCO.
+    """
+
+    def __init__(
+        self,
+        dataset_name,
+        *,
+        iou_thresh=0.5,
+        score_thresh=0.5,
+        levels=None,
+        distributed=True,
+        output_dir=None,
+    ):
+        """
+        Args:
+            dataset_name: a dataset registered in DatasetCatalog (detectron2 standard dicts).
+            iou_thresh: mask IoU for a prediction to count as finding a vertebra.
+            score_thresh: predictions scoring below this are dropped before matching.
+            levels: level names top to bottom, to order ``recall/<level>``; default: the
+                dataset's ``vertebra_levels`` metadata, then C1..S1.
+            distributed: gather predictions from all ranks and evaluate on the main one.
+            output_dir: if given, ``vertebra_results.json`` is written there.
+        """
+        self._dataset_name = dataset_name
+        self._iou_thresh = float(iou_thresh)
+        self._score_thresh = float(score_thresh)
+        self._distributed = distributed
+        self._output_dir = output_dir
+        self._metadata = MetadataCatalog.get(dataset_name)
+        if levels is None:
+            levels = list(getattr(self._metadata, "vertebra_levels", [])) or VERTEBRA_LEVELS
+        self._levels = list(levels)
+        self._gt = None  # image_id -> ground truth, decoded once on first evaluate()
+        self._predictions = []
+
+    @classmethod
+    def from_config(cls, cfg, dataset_name, output_dir=None):
+        """Build from SPINE.EVAL.* and SPINE.LEVELS (called by the trainer's build_evaluator)."""
+        return cls(
+            dataset_name,
+            iou_thresh=cfg.SPINE.EVAL.IOU_THRESH,
+            score_thresh=cfg.SPINE.EVAL.SCORE_THRESH,
+            levels=cfg.SPINE.LEVELS,
+            output_dir=output_dir,
+        )
+
+    def reset(self):
+        self._predictions = []
+
+    def process(self, inputs, outputs):
+        """Keep each image's confident predictions as RLEs: small to hold and to gather."""
+        for inp, out in zip(inputs, outputs):
+            if "instances" not in out:
+                continue
+            instances = out["instances"].to(torch.device("cpu"))
+            pred_levels = out.get("pred_levels")
+            if pred_levels is not None and len(pred_levels) != len(instances):
+                raise ValueError(
+                    f"image {inp['image_id']}: {len(pred_levels)} pred_levels for "
+                    f"{len(instances)} instances"
+                )
+            keep = (instances.scores >= self._score_thresh).nonzero().flatten().tolist()
+            if keep and not instances.has("pred_masks"):
+                raise ValueError(
+                    f"image {inp['image_id']}: VertebraEvaluator needs pred_masks (a mask model)"
+                )
+            rles = []
+            if keep:
+                masks = instances.pred_masks[keep].numpy().astype(np.uint8)
+                rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+            self._predictions.append(
+                {
+                    "image_id": inp["image_id"],
+                    "rles": rles,
+                    "classes": instances.pred_classes[keep].tolist(),
+                    "scores": instances.scores[keep].tolist(),
+                    "levels": None if pred_levels is None else [pred_levels[i] for i in keep],
+                }
+            )
+
+    def evaluate(self):
+        if self._distributed:
+            comm.synchronize()
+            predictions = list(itertools.chain(*comm.gather(self._predictions, dst=0)))
+            if not comm.is_main_process():
+                return {}
+        else:
+            predictions = self._predictions
+        if not predictions:
+            logger.warning("[VertebraEvaluator] no predictions received: every vertebra missed.")
+
+        if self._gt is None:
+            self._gt = _load_ground_truth(self._dataset_name)
+        preds_by_image = {}
+        for p in predictions:
+            if p["image_id"] not in self._gt:
+                logger.warning(
+                    "[VertebraEvaluator] image_id %r is not in %s; ignored.",
+                    p["image_id"],
+                    self._dataset_name,
+                )
+                continue
+            preds_by_image[p["image_id"]] = p
+
+        results, per_image = self._score(preds_by_image)
+        self._log(results)
+        if self._output_dir:
+            self._save(results, per_image)
+        return {"vertebra": results}
+
+    # ------------------------------------------------------------------ internals
+    def _score(self, preds_by_image):
+        found = found_at_half = 0  # GT matched at iou_thresh / at ACCURACY_IOU
+        ious, level_hits, level_pairs = [], 0, 0
+        gt_by_level, found_by_level = defaultdict(int), defaultdict(int)
+        gt_by_class, found_by_class = defaultdict(int), defaultdict(int)
+        num_gt = num_pred = images_with_miss = 0
+        per_image = []
+
+        for image_id, gt in self._gt.items():
+            pred = preds_by_image.get(image_id) or {"rles": [], "classes": [], "levels": None}
+            if pred["rles"] and tuple(pred["rles"][0]["size"]) != gt["size"]:
+                raise ValueError(
+                    f"image {image_id}: predicted masks are {tuple(pred['rles'][0]['size'])}, "
+                    f"ground truth is {gt['size']}; predictions must be at the original size"
+                )
+            pairs = _greedy_match(gt["rles"], gt["classes"], pred["rles"], pred["classes"])
+            main = [(g, p, iou) for g, p, iou in pairs if iou >= self._iou_thresh]
+            found += len(main)
+            found_at_half += sum(iou >= ACCURACY_IOU for _, _, iou in pairs)
+            n_pred = len(pred["rles"]) - _on_crowd(
+                gt, pred, {p for _, p, _ in main}, self._iou_thresh
+            )
+            num_gt += len(gt["rles"])
+            num_pred += n_pred
+            images_with_miss += len(main) < len(gt["rles"])
+            ious.extend(iou for _, _, iou in main)
+            matched_gt = {g for g, _, _ in main}
+            for g, (cls, lvl) in enumerate(zip(gt["classes"], gt["levels"])):
+                gt_by_class[cls] += 1
+                found_by_class[cls] += g in matched_gt
+                if lvl is not None:
+                    gt_by_level[lvl] += 1
+                    found_by_level[lvl] += g in matched_gt
+            if pred["levels"] is not None:
+                for g, p, _ in main:
+                    if gt["levels"][g] is not None and pred["levels"][p] is not None:
+                        level_pairs += 1
+                        level_hits += str(pred["levels"][p]) == gt["levels"][g]
+            per_image.append(
+                {
+                    "image_id": image_id,
+                    "num_gt": len(gt["rles"]),
+                    "num_pred": n_pred,
+                    "num_matched": len(main),
+                }
+            )
+
+        recall = _ratio(found, num_gt)
+        precision = _ratio(found, num_pred)  # one-to-one: matched preds == matched GT
+        ious = np.asarray(ious, dtype=np.float64)
+        results = OrderedDict(
+            accuracy=_ratio(found_at_half, num_gt),
+            recall=recall,
+            precision=precision,
+            f1=_f1(recall, precision),
+            mean_dice=float(np.mean(2 * ious / (1 + ious))) if ious.size else float("nan"),
+            mean_iou=float(np.mean(ious)) if ious.size else float("nan"),
+        )
+        if level_pairs:
+            results["level_accuracy"] = level_hits / level_pairs
+        results.update(
+            images_with_miss=float(images_with_miss),
+            num_images=float(len(self._gt)),
+            num_gt=float(num_gt),
+            num_pred=float(num_pred),
+        )
+        for lvl in _ordered_levels(gt_by_level, self._levels):
+            results[f"recall/{lvl}"] = _ratio(found_by_level[lvl], gt_by_level[lvl])
+        classes = list(getattr(self._metadata, "thing_classes", []))
+        if len(classes) > 1:
+            for cls in sorted(gt_by_class):
+                name = classes[cls] if cls < len(classes) else str(cls)
+                results[f"recall/{name}"] = _ratio(found_by_class[cls], gt_by_class[cls])
+        return results, per_image
+
+    def _log(self, results):
+        summary = {k: results[k] for k in _SUMMARY_KEYS if k in results}
+        logger.info(
+            "Vertebra evaluation on %s (IoU >= %.2f, score >= %.2f; fractions):\n%s",
+            self._dataset_name,
+            self._iou_thresh,
+            self._score_thresh,
+            create_small_table(summary),
+        )
+        per_key = {k: v for k, v in results.items() if k.startswith("recall/")}
+        if per_key:
+            logger.info("Per-level / per-class recall:\n%s", create_small_table(per_key))
+
+    def _save(self, results, per_image):
+        os.makedirs(self._output_dir, exist_ok=True)
+        path = os.path.join(self._output_dir, "vertebra_results.json")
+        payload = {
+            "dataset": self._dataset_name,
+            "iou_thresh": self._iou_thresh,
+            "score_thresh": self._score_thresh,
+            "metrics": results,
+            "per_image": per_image,
+        }
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:  # temp name + replace: readers never see a half-written file
+            json.dump(payload, f, indent=1, default=str)
+        os.replace(tmp, path)
+
+
+def _ratio(num, den):
+    return num / den if den else float("nan")
+
+
+def _f1(recall, precision):
+    if np.isnan(recall) or np.isnan(precision):
+        return float("nan")
+    return 2 * recall * precision / (recall + precision) if recall + precision else 0.0
+
+
+def _ordered_levels(seen, order):
+    """Levels seen in the GT, in anatomical order; unknown names after, alphabetically."""
+    rank = {lvl: i for i, lvl in enumerate(order)}
+    return sorted(seen, key=lambda lvl: (rank.get(lvl, len(rank)), lvl))
+
+
+def _greedy_match(gt_rles, gt_classes, pred_rles, pred_classes):
+    """One-to-one (gt, pred, iou) pairs with IoU > 0, greedily by descending IoU, same class."""
+    if not gt_rles or not pred_rles:
+        return []
+    iou = np.asarray(mask_util.iou(pred_rles, gt_rles, [0] * len(gt_rles)), dtype=np.float64)
+    same_class = np.asarray(pred_classes)[:, None] == np.asarray(gt_classes)[None, :]
+    iou = np.where(same_class, iou, 0.0)
+    p_idx, g_idx = np.nonzero(iou > 0)
+    order = np.argsort(-iou[p_idx, g_idx], kind="stable")
+    used_p, used_g, pairs = set(), set(), []
+    for k in order:
+        p, g = int(p_idx[k]), int(g_idx[k])
+        if p not in used_p and g not in used_g:
+            used_p.add(p)
+            used_g.add(g)
+            pairs.append((g, p, float(iou[p, g])))
+    return pairs
+
+
+def _on_crowd(gt, pred, matched, thresh):
+    """How many unmatched predictions lie on a crowd region of their class (not counted)."""
+    if not gt["crowd_rles"]:
+        return 0
+    unmatched = [p for p in range(len(pred["rles"])) if p not in matched]
+    if not unmatched:
+        return 0
+    rles = [pred["rles"][p] for p in unmatched]
+    # iscrowd=1: IoU becomes intersection / prediction area.
+    cover = np.asarray(mask_util.iou(rles, gt["crowd_rles"], [1] * len(gt["crowd_rles"])))
+    same = (
+        np.asarray([pred["classes"][p] for p in unmatched])[:, None]
+        == np.asarray(gt["crowd_classes"])[None, :]
+    )
+    return int(np.any((cover >= thresh) & same, axis=1).sum())
+
+
+def _load_ground_truth(dataset_name):
+    """image_id -> {"size", "rles", "classes", "levels", "crowd_rles", "crowd_classes"}."""
+    gt = OrderedDict()
+    for record in DatasetCatalog.get(dataset_name):
+        h, w = int(record["height"]), int(record["width"])
+        entry = {
+            "size": (h, w),
+            "rles": [],
+            "classes": [],
+            "levels": [],
+            "crowd_rles": [],
+            "crowd_classes": [],
+        }
+        for ann in record.get("annotations", []):
+            rle = _annotation_rle(ann, h, w)
+            if ann.get("iscrowd", 0):
+                entry["crowd_rles"].append(rle)
+                entry["crowd_classes"].append(int(ann["category_id"]))
+                continue
+            entry["rles"].append(rle)
+            entry["classes"].append(int(ann["category_id"]))
+            level = ann.get("level")
+            entry["levels"].append(None if level is None else str(level))
+        gt[record["image_id"]] = entry
+    return gt
+
+
+def _annotation_rle(ann, h, w):
+    """A GT annotation as one compressed RLE; a box stands in when there is no segmentation."""
+    segm = ann.get("segmentation")
+    if segm is None:
+        box = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYWH_ABS)
+        return mask_util.frPyObjects([list(map(float, box))], h, w)[0]
+    if isinstance(segm, list):  # polygons
+        return mask_util.merge(mask_util.frPyObjects(segm, h, w))
+    if isinstance(segm, dict):
+        if isinstance(segm["counts"], list):  # uncompressed RLE
+            return mask_util.frPyObjects(segm, h, w)
+        counts = segm["counts"]
+        return {
+            "size": list(segm["size"]),
+            "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+        }
+    raise TypeError(f"unknown segmentation type {type(segm).__name__} in annotation {ann}")

@@ -1,0 +1,218 @@
+"""VertebraEvaluator on synthetic 128x128 masks whose metrics can be worked out by hand."""
+
+import contextlib
+import json
+import math
+import uuid
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator
+from detectron2.structures import Boxes, BoxMode, Instances
+
+from spine_d2.config import add_spine_config
+from spine_d2.evaluation import VertebraEvaluator
+
+SIZE = 128
+LEVELS = ["T11", "T12", "L1", "L2"]  # alphabetical order differs from anatomical order
+# Four stacked "vertebrae" per image: (x, y, w, h), top to bottom.
+RECTS = [(40, 8, 40, 20), (42, 36, 38, 22), (44, 66, 36, 24), (45, 98, 34, 24)]
+
+
+def rect_mask(x, y, w, h):
+    m = np.zeros((SIZE, SIZE), dtype=bool)
+    m[y : y + h, x : x + w] = True
+    return m
+
+
+def gt_annotation(rect, category_id=0, level=None, rle=False):
+    """One GT vertebra, as a polygon or as a compressed RLE with str counts (as read from json)."""
+    x, y, w, h = rect
+    if rle:
+        segm = mask_util.encode(np.asfortranarray(rect_mask(*rect).astype(np.uint8)))
+        segm["counts"] = segm["counts"].decode("ascii")
+    else:
+        segm = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    ann = {"bbox": [x, y, w, h], "bbox_mode": BoxMode.XYWH_ABS, "category_id": category_id}
+    ann["segmentation"] = segm
+    if level is not None:
+        ann["level"] = level
+    return ann
+
+
+def image_record(image_id, annotations):
+    return {
+        "file_name": f"img{image_id}.png",
+        "image_id": image_id,
+        "height": SIZE,
+        "width": SIZE,
+        "annotations": annotations,
+    }
+
+
+def two_images():
+    """Image 0 with polygon GT, image 1 with RLE GT; every vertebra carries its level."""
+    return [
+        image_record(0, [gt_annotation(r, level=l) for r, l in zip(RECTS, LEVELS)]),
+        image_record(1, [gt_annotation(r, level=l, rle=True) for r, l in zip(RECTS, LEVELS)]),
+    ]
+
+
+@contextlib.contextmanager
+def registered(records, thing_classes=("vertebra",)):
+    """Register the records under a unique name and remove them afterwards."""
+    name = f"spine_test_vertebra_eval_{uuid.uuid4().hex[:8]}"
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(thing_classes=list(thing_classes))
+    try:
+        yield name
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def prediction(masks, classes=None, scores=None):
+    """A model output dict: bool masks, boxes derived from the masks (pixel-edge XYXY)."""
+    n = len(masks)
+    boxes = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    inst = Instances((SIZE, SIZE))
+    inst.pred_masks = torch.as_tensor(np.stack(masks) if n else np.zeros((0, SIZE, SIZE), bool))
+    inst.pred_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.scores = torch.as_tensor([1.0] * n if scores is None else scores, dtype=torch.float32)
+    inst.pred_classes = torch.as_tensor([0] * n if classes is None else classes, dtype=torch.int64)
+    return {"instances": inst}
+
+
+def run(evaluator, image_ids, outputs):
+    evaluator.reset()
+    inputs = [{"image_id": i, "height": SIZE, "width": SIZE} for i in image_ids]
+    for inp, out in zip(inputs, outputs):  # one image per batch, as in inference_on_dataset
+        evaluator.process([inp], [out])
+    return evaluator.evaluate()
+
+
+def perfect_outputs():
+    masks = [rect_mask(*r) for r in RECTS]
+    return [prediction(masks), prediction(masks)]
+
+
+def test_perfect_predictions_score_one_and_coco_ap_100(tmp_path):
+    with registered(two_images()) as name:
+        res = run(VertebraEvaluator(name, output_dir=str(tmp_path)), [0, 1], perfect_outputs())
+        coco = run(
+            COCOEvaluator(name, tasks=("bbox", "segm"), output_dir=str(tmp_path)),
+            [0, 1],
+            perfect_outputs(),
+        )
+    m = res["vertebra"]
+    for key in ("recall", "precision", "f1", "mean_dice", "mean_iou", "accuracy"):
+        assert m[key] == pytest.approx(1.0, abs=1e-9), key
+    assert (m["num_images"], m["num_gt"], m["num_pred"], m["images_with_miss"]) == (2, 8, 8, 0)
+    assert all(isinstance(v, float) for v in m.values())
+    assert coco["segm"]["AP"] == pytest.approx(100.0)
+    assert coco["bbox"]["AP"] == pytest.approx(100.0)
+    saved = json.loads((tmp_path / "vertebra_results.json").read_text())
+    assert saved["metrics"]["recall"] == 1.0 and len(saved["per_image"]) == 2
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_one_missed_vertebra_lowers_recall_only():
+    masks = [rect_mask(*r) for r in RECTS]
+    outputs = [prediction(masks[:2] + masks[3:]), prediction(masks)]  # image 0 misses L1
+    with registered(two_images()) as name:
+        m = run(VertebraEvaluator(name), [0, 1], outputs)["vertebra"]
+    assert m["recall"] == 7 / 8 and m["accuracy"] == 7 / 8
+    assert m["precision"] == 1.0
+    assert m["images_with_miss"] == 1.0
+    assert m["f1"] == pytest.approx(2 * (7 / 8) / (1 + 7 / 8))
+
+
+def test_image_without_predictions_misses_all_and_empty_gt_costs_precision():
+    records = two_images() + [image_record(2, [])]
+    masks = [rect_mask(*r) for r in RECTS]
+    outputs = [prediction(masks), prediction(masks[:1])]  # image 1 gets nothing: not processed
+    with registered(records) as name:
+        m = run(VertebraEvaluator(name), [0, 2], outputs)["vertebra"]
+    assert m["num_images"] == 3.0
+    assert m["recall"] == 4 / 8 and m["images_with_miss"] == 1.0
+    assert m["num_pred"] == 5.0 and m["precision"] == 4 / 5
+
+
+def test_shifted_mask_lowers_dice_by_hand_computed_amount():
+    # 20 wide x 30 high, shifted 4 px in x: overlap 16x30 = 480, Dice = 2*480/1200 = 0.8.
+    rect = (50, 40, 20, 30)
+    shifted = rect_mask(rect[0] + 4, *rect[1:])
+    with registered([image_record(0, [gt_annotation(rect)])]) as name:
+        m = run(VertebraEvaluator(name), [0], [prediction([shifted])])["vertebra"]
+    assert m["mean_dice"] == pytest.approx(0.8, abs=1e-6)
+    assert m["mean_iou"] == pytest.approx(480 / 720, abs=1e-6)
+    assert m["recall"] == 1.0
+
+
+def test_from_config_iou_thresh_above_match_keeps_accuracy_at_half():
+    """IoU 2/3 misses at SPINE.EVAL.IOU_THRESH 0.7, yet still counts for accuracy (IoU 0.5)."""
+    cfg = add_spine_config(get_cfg())
+    cfg.SPINE.EVAL.IOU_THRESH = 0.7
+    rect = (50, 40, 20, 30)
+    shifted = rect_mask(rect[0] + 4, *rect[1:])
+    with registered([image_record(0, [gt_annotation(rect)])]) as name:
+        ev = VertebraEvaluator.from_config(cfg, name)
+        m = run(ev, [0], [prediction([shifted])])["vertebra"]
+    assert m["recall"] == 0.0 and m["precision"] == 0.0 and m["f1"] == 0.0
+    assert m["accuracy"] == 1.0
+    assert math.isnan(m["mean_dice"])
+    assert m["images_with_miss"] == 1.0
+
+
+def test_score_threshold_drops_low_score_predictions():
+    masks = [rect_mask(*r) for r in RECTS]
+    false_pos = rect_mask(2, 2, 10, 10)
+    scores = [0.9, 0.5, 0.49, 0.8, 0.3]  # 0.5 is kept (>=), the L1 mask and the FP are dropped
+    outputs = [prediction(masks + [false_pos], scores=scores), prediction(masks)]
+    with registered(two_images()) as name:
+        m = run(VertebraEvaluator(name, score_thresh=0.5), [0, 1], outputs)["vertebra"]
+    assert m["num_pred"] == 7.0 and m["precision"] == 1.0
+    assert m["recall"] == 7 / 8
+    assert m["recall/L1"] == 0.5
+
+
+def test_matching_is_class_aware_with_per_class_recall():
+    classes = ("vertebra", "sacrum")
+    records = [image_record(0, [gt_annotation(RECTS[0], 0), gt_annotation(RECTS[1], 1)])]
+    masks = [rect_mask(*RECTS[0]), rect_mask(*RECTS[1])]
+    out = prediction(masks, classes=[0, 0])  # the sacrum is predicted as a vertebra
+    with registered(records, thing_classes=classes) as name:
+        m = run(VertebraEvaluator(name), [0], [out])["vertebra"]
+    assert m["recall"] == 0.5 and m["precision"] == 0.5
+    assert m["recall/vertebra"] == 1.0 and m["recall/sacrum"] == 0.0
+
+
+def test_per_level_recall_in_level_order_and_level_accuracy():
+    masks = [rect_mask(*r) for r in RECTS]
+    out0 = prediction(masks[:2] + masks[3:])  # L1 missed in image 0
+    out0["pred_levels"] = ["T11", "T11", "L2"]  # the T12 mask is labelled T11
+    out1 = prediction(masks)
+    with registered(two_images()) as name:
+        m = run(VertebraEvaluator(name, levels=LEVELS), [0, 1], [out0, out1])["vertebra"]
+        plain = run(VertebraEvaluator(name), [0, 1], [prediction(masks)] * 2)["vertebra"]
+    assert [k for k in m if k.startswith("recall/")] == [f"recall/{lvl}" for lvl in LEVELS]
+    assert (m["recall/T11"], m["recall/T12"], m["recall/L1"], m["recall/L2"]) == (1, 1, 0.5, 1)
+    assert m["level_accuracy"] == 2 / 3  # only image 0 carries predicted levels
+    assert "level_accuracy" not in plain  # no pred_levels: nothing to score
+    assert [k for k in plain if k.startswith("recall/")] == [f"recall/{lvl}" for lvl in LEVELS]
+
+
+def test_prediction_on_crowd_region_is_not_a_false_positive():
+    crowd = dict(gt_annotation((80, 80, 40, 40)), iscrowd=1)
+    records = [image_record(0, [gt_annotation(RECTS[0]), crowd])]
+    out = prediction([rect_mask(*RECTS[0]), rect_mask(85, 85, 20, 20)])
+    with registered(records) as name:
+        m = run(VertebraEvaluator(name), [0], [out])["vertebra"]
+    assert m["num_gt"] == 1.0 and m["num_pred"] == 1.0 and m["precision"] == 1.0
