@@ -32,7 +32,7 @@ setup(
         "tensorboard>=2.10,<3",
     ],
     extras_require={
-        "dicom": ["pydicom>=2.4,<4"],
-        "dev": ["pytest>=7,<10", "pytest-xdist>=3,<4", "pydicom>=2.4,<4", "black", "isort"],
+        "dicom": ["pydicom>=3.0,<4"],
+        "dev": ["pytest>=7,<10", "pytest-xdist>=3,<4", "pydicom>=3.0,<4", "black", "isort"],
     },
 )
