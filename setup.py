@@ -5,6 +5,7 @@ detectron2 itself is not on PyPI: `make install` (or `python tools/install_detec
 installs it before this package. It is checked at import time rather than declared here,
 so that pip never resolves the name "detectron2" against a public index.
 """
+
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -33,6 +34,16 @@ setup(
     ],
     extras_require={
         "dicom": ["pydicom>=3.0,<4"],
+        # DRR rendering of the built-in dataset. diffdrr itself is installed with --no-deps by
+        # `make install`: its declared pyvista[all], timm, kornia... are not needed to render.
+        "drr": [
+            "torchio>=0.20",
+            "nibabel>=5",
+            "pandas>=2",
+            "einops>=0.7",
+            "fastcore>=1.5",
+            "scipy>=1.10",
+        ],
         "dev": ["pytest>=7,<10", "pytest-xdist>=3,<4", "pydicom>=3.0,<4", "black", "isort"],
     },
 )

@@ -4,6 +4,7 @@ smooth background, exact masks and levels. For real anatomy use prepare_spine_dr
 
     python datasets/prepare_synthetic.py --out datasets/spine_synthetic --train 60 --test 20
 """
+
 import argparse
 
 from spine_d2.data.synthetic import make_synthetic_spine_dataset

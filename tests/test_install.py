@@ -1,4 +1,5 @@
 """The installed detectron2 is the fixed pure-Python build and runs Mask R-CNN on the CPU."""
+
 import importlib.util
 
 import numpy as np

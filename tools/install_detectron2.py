@@ -16,6 +16,7 @@ that has compiled ops (a user's own build from source) unless ``--force`` is giv
     python tools/install_detectron2.py --sdist FILE.tar.gz  # fully offline from a local sdist
     python tools/install_detectron2.py --wheel-only -o dist/
 """
+
 from __future__ import annotations
 
 import argparse
@@ -282,7 +283,9 @@ def apply_fixes(pkg: Path) -> None:
         text = target.read_text()
         for old, new in fix.replacements:
             if text.count(old) != 1:
-                raise InstallError(f"fix for {fix.path} expects one {old!r}, found {text.count(old)}")
+                raise InstallError(
+                    f"fix for {fix.path} expects one {old!r}, found {text.count(old)}"
+                )
             text = text.replace(old, new)
         target.write_text(text)
     (pkg / "_compiled_ops.py").write_text(MISSING_OPS_MODULE)
@@ -302,7 +305,9 @@ def build_wheel(sdist: Path, out_dir: Path) -> Path:
     """Repackage detectron2/ from the sdist as a py3-none-any wheel (PEP 427), fixes applied."""
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(f"{SDIST_NAME}-{SDIST_VERSION}/")]
+            members = [
+                m for m in tar.getmembers() if m.name.startswith(f"{SDIST_NAME}-{SDIST_VERSION}/")
+            ]
             # The "data" filter refuses absolute paths and links out of the tree (Python >= 3.10.12).
             kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(tmp, members=members, **kw)
@@ -352,7 +357,9 @@ def build_wheel(sdist: Path, out_dir: Path) -> Path:
                 zf.writestr(arc, data)
                 records.append(_record_line(arc, data))
             buf = io.StringIO()
-            csv.writer(buf, lineterminator="\n").writerows(records + [[f"{dist_info}/RECORD", "", ""]])
+            csv.writer(buf, lineterminator="\n").writerows(
+                records + [[f"{dist_info}/RECORD", "", ""]]
+            )
             zf.writestr(f"{dist_info}/RECORD", buf.getvalue())
         os.replace(tmp_wheel, wheel)
     return wheel
@@ -387,14 +394,24 @@ def main(argv=None) -> int:
             log(f"built {wheel.name}")
             if args.wheel_only:
                 return 0
-            cmd = [sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(wheel)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--force-reinstall",
+                "--no-deps",
+                str(wheel),
+            ]
             # Dependencies go through a normal resolve (so already-satisfied ones stay put);
             # the wheel itself is force-reinstalled so that a rebuilt BUILD replaces the old one.
             subprocess.run([sys.executable, "-m", "pip", "install", *REQUIRES], check=True)
             subprocess.run(cmd, check=True)
         version, _ = installed_detectron2()
         if version != VERSION:
-            raise InstallError(f"installed detectron2 reports version {version}, expected {VERSION}")
+            raise InstallError(
+                f"installed detectron2 reports version {version}, expected {VERSION}"
+            )
         log(f"installed detectron2 {VERSION}")
         return 0
     except (InstallError, subprocess.CalledProcessError) as e:

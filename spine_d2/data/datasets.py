@@ -4,6 +4,7 @@ Two ways in: ``register_spine_coco(name, json, image_root)`` (from code, or with
 the config key ``SPINE.COCO_DATASETS``), and the built-in splits, registered when ``spine_d2`` is
 imported under ``$DETECTRON2_DATASETS`` (default ``./datasets``).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,14 +34,16 @@ __all__ = [
 # points on the last pixel's outer edge, and rounding adds a little more.
 _EDGE_TOLERANCE = 1.0
 
+_DRR_HOW = "make data"
+_PARTS_HOW = "make data-parts"
 # name -> (json relative to the dataset root, image root relative to it, how to make it)
 BUILTIN_SPLITS = {
-    "spine_drr_train": ("spine_drr/train.json", "spine_drr/images", "make data"),
-    "spine_drr_val": ("spine_drr/val.json", "spine_drr/images", "make data"),
-    "spine_drr_test": ("spine_drr/test.json", "spine_drr/images", "make data"),
-    "spine_drr_parts_train": ("spine_drr_parts/train.json", "spine_drr_parts/images", "make data-parts"),
-    "spine_drr_parts_val": ("spine_drr_parts/val.json", "spine_drr_parts/images", "make data-parts"),
-    "spine_drr_parts_test": ("spine_drr_parts/test.json", "spine_drr_parts/images", "make data-parts"),
+    "spine_drr_train": ("spine_drr/train.json", "spine_drr/images", _DRR_HOW),
+    "spine_drr_val": ("spine_drr/val.json", "spine_drr/images", _DRR_HOW),
+    "spine_drr_test": ("spine_drr/test.json", "spine_drr/images", _DRR_HOW),
+    "spine_drr_parts_train": ("spine_drr_parts/train.json", "spine_drr_parts/images", _PARTS_HOW),
+    "spine_drr_parts_val": ("spine_drr_parts/val.json", "spine_drr_parts/images", _PARTS_HOW),
+    "spine_drr_parts_test": ("spine_drr_parts/test.json", "spine_drr_parts/images", _PARTS_HOW),
 }
 
 
@@ -60,9 +63,7 @@ def _polygon_problem(poly, width, height):
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in poly):
         return "polygon has non-numeric or non-finite coordinates"
     xs, ys = poly[0::2], poly[1::2]
-    area = 0.5 * abs(
-        sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs)))
-    )  # shoelace
+    area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))  # shoelace
     if area < 1e-6:
         return "polygon is degenerate (zero area)"
     t = _EDGE_TOLERANCE
@@ -90,7 +91,11 @@ def _annotation_problem(ann: dict, width: int, height: int, cat_ids) -> str | No
         return None  # boxes only: fine for detection, the mask loss will say so if enabled
     if isinstance(seg, dict):
         size = seg.get("size")
-        if "counts" not in seg or not isinstance(size, (list, tuple)) or list(size) != [height, width]:
+        if (
+            "counts" not in seg
+            or not isinstance(size, (list, tuple))
+            or list(size) != [height, width]
+        ):
             return f"RLE size {size} does not match the image ({height}x{width})"
         return None
     if not isinstance(seg, list) or not seg:
@@ -206,8 +211,12 @@ def load_spine_coco(json_file, image_root, dataset_name=None, skip_invalid=False
             ", ".join(f"{n} x {reason}" for reason, n in skipped.most_common()),
         )
     records = list(images.values())
-    logger.info("Loaded %d images, %d annotations from %s", len(records),
-                sum(len(r["annotations"]) for r in records), json_file)
+    logger.info(
+        "Loaded %d images, %d annotations from %s",
+        len(records),
+        sum(len(r["annotations"]) for r in records),
+        json_file,
+    )
 
     if dataset_name is not None:
         meta = MetadataCatalog.get(dataset_name)

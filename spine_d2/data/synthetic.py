@@ -4,6 +4,7 @@ Not a substitute for the built-in DRR dataset (real CT anatomy): these are round
 bodies along a curved column on a smooth soft-tissue background, enough for a model to learn
 something in a few iterations and for every code path to see real images, masks and levels.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,7 +86,10 @@ def make_synthetic_spine_dataset(
         for j, poly in enumerate(polys):
             x0, y0 = poly.min(0)
             x1, y1 = poly.max(0)
-            area = 0.5 * abs(np.dot(poly[:, 0], np.roll(poly[:, 1], 1)) - np.dot(poly[:, 1], np.roll(poly[:, 0], 1)))
+            area = 0.5 * abs(
+                np.dot(poly[:, 0], np.roll(poly[:, 1], 1))
+                - np.dot(poly[:, 1], np.roll(poly[:, 0], 1))
+            )
             annotations.append(
                 {
                     "id": len(annotations) + 1,

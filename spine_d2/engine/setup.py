@@ -1,4 +1,5 @@
 """Config setup shared by train_net, make eval and the tests: one path from YAML to a frozen cfg."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """register_spine_coco: round trip, validation of each bad record kind, idempotence."""
+
 import copy
 import json
 from pathlib import Path

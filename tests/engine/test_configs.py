@@ -1,4 +1,5 @@
 """Configs are code: every YAML under configs/ loads through the same setup path."""
+
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,12 @@ def test_overrides_and_user_datasets_from_command_line(synthetic_coco):
     json_file, image_root = synthetic_coco
     cfg = build_config(
         "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml",
-        ["SPINE.COCO_DATASETS", f"[['spine_cli_ds', '{json_file}', '{image_root}']]",
-         "SOLVER.MAX_ITER", "7"],
+        [
+            "SPINE.COCO_DATASETS",
+            f"[['spine_cli_ds', '{json_file}', '{image_root}']]",
+            "SOLVER.MAX_ITER",
+            "7",
+        ],
     )
     assert cfg.SOLVER.MAX_ITER == 7
     assert len(DatasetCatalog.get("spine_cli_ds")) == 6

@@ -1,4 +1,5 @@
 """SpineTrainer end to end on a synthetic dataset: train, checkpoint, resume, eval-only."""
+
 import argparse
 import json
 import math
@@ -61,4 +62,6 @@ def test_train_resume_and_eval_only(synthetic_train, tmp_path):
     assert set(res) == {"bbox", "segm", "vertebra"}
     assert 0.0 <= res["vertebra"]["recall"] <= 1.0
     assert 0.0 <= res["segm"]["AP"] <= 100.0 or math.isnan(res["segm"]["AP"])
-    assert res["vertebra"]["num_gt"] == sum(len(d["annotations"]) for d in DatasetCatalog.get(synthetic_train))
+    assert res["vertebra"]["num_gt"] == sum(
+        len(d["annotations"]) for d in DatasetCatalog.get(synthetic_train)
+    )
