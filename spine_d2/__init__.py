@@ -2,6 +2,7 @@
 
 Importing the package registers the built-in datasets (so multi-GPU workers see them too).
 """
+
 try:
     import detectron2  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only on a broken install

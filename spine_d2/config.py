@@ -1,5 +1,6 @@
 """Config keys of spine-d2. Every key is new (INPUT.XRAY.*, SPINE.*, ZOI.*): detectron2's own
 defaults are left untouched, so a plain detectron2 YAML means the same thing here."""
+
 from detectron2.config import CfgNode as CN
 
 # Vertebral levels top to bottom; used to order and name vertebrae when levels are known.
@@ -74,12 +75,23 @@ def add_spine_config(cfg):
 
     _C.SPINE.EVAL = CN()
     _C.SPINE.EVAL.IOU_THRESH = 0.5  # mask IoU for a prediction to count as finding a vertebra
-    _C.SPINE.EVAL.SCORE_THRESH = 0.5  # predictions below this score are ignored by VertebraEvaluator
+    _C.SPINE.EVAL.SCORE_THRESH = (
+        0.5  # predictions below this score are ignored by VertebraEvaluator
+    )
 
     # ---------------------------------------------------------------- ZOI export
     _C.ZOI = CN()
-    _C.ZOI.EXPORT_AFTER_EVAL = False  # run ZOIExportHook after the final evaluation
+    _C.ZOI.EXPORT_AFTER_EVAL = False  # run ZOIExportHook after the final evaluation (and eval-only)
+    _C.ZOI.EXPORT_EVERY_EVAL = False  # also export after every TEST.EVAL_PERIOD evaluation
     _C.ZOI.DATASETS = []  # splits to export; empty = DATASETS.TEST
     _C.ZOI.MARGIN = 4  # pixels added around each ZOI's bounding box
     _C.ZOI.SCORE_THRESH = 0.5  # predictions below this are not exported
+    _C.ZOI.FORMAT = "png"  # "png" (gray + alpha, scan's bit depth) or "npz" (pixels + mask arrays)
+    _C.ZOI.PNG_COMPRESSION = 1  # zlib level 0-9: 1 is ~8x faster than 6 and ~5% larger
+    _C.ZOI.BATCH_SIZE = 4  # scans per forward pass
+    _C.ZOI.NUM_WORKERS = 2  # DataLoader workers decoding and resizing scans
+    _C.ZOI.AMP = ""  # "" (fp32), "fp16" or "bf16" autocast; changes numerics: check AP first
+    _C.ZOI.ANCHOR_LEVEL = ""  # level of the top (or bottom) vertebra found, e.g. "C2"; "" = none
+    _C.ZOI.ANCHOR_AT = "top"  # which end ANCHOR_LEVEL names: "top" or "bottom"
+    _C.ZOI.GAP_FACTOR = 1.6  # spacing > this x neighbouring spacings = suspected missed vertebra
     return cfg

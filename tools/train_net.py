@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Train or evaluate a spine Mask R-CNN with Detectron2's usual command line.
 
-    tools/train_net.py --config-file configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml
-    tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
-    tools/train_net.py --config-file CFG --num-gpus 8 SOLVER.IMS_PER_BATCH 16
+tools/train_net.py --config-file configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml
+tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+tools/train_net.py --config-file CFG --num-gpus 8 SOLVER.IMS_PER_BATCH 16
 """
+
 import sys
 
 from detectron2.engine import default_argument_parser, launch

@@ -1,4 +1,5 @@
 """Data: one scan reader, dataset registration (done at import), X-ray mapper and augmentations."""
+
 from .datasets import (
     BUILTIN_SPLITS,
     load_spine_coco,

@@ -6,6 +6,7 @@ Photometric transforms change intensities only (coordinates, boxes and masks pas
 untouched); geometric ones are detectron2/fvcore transforms, so polygons, boxes and bitmasks
 follow the image exactly.
 """
+
 from __future__ import annotations
 
 import math

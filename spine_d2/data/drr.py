@@ -904,22 +904,33 @@ def contact_sheet(records: list, out_png, cols=4, tile=384, class_names=None) ->
         f = tile / max(img.shape[:2])
         img = cv2.resize(img, (round(img.shape[1] * f), round(img.shape[0] * f)),
                          interpolation=cv2.INTER_AREA)  # fmt: skip
+        by_class = bool(class_names) and len(class_names) > 1
+        fill = img.copy()
         for j, ann in enumerate(rec.get("annotations", [])):
-            colour = _COLOURS[(j + ann.get("category_id", 0) * 3) % len(_COLOURS)][::-1]
+            # One colour per part class (filled) makes a parts taxonomy checkable by eye;
+            # for whole vertebrae, neighbours get different colours and a level name.
+            k = ann.get("category_id", 0) if by_class else j
+            colour = _COLOURS[k % len(_COLOURS)][::-1]
             seg = ann.get("segmentation")
             pts = []
             if isinstance(seg, list):
                 for poly in seg:
                     p = np.round(np.asarray(poly, np.float64).reshape(-1, 2) * f).astype(np.int32)
+                    if by_class:
+                        cv2.fillPoly(fill, [p], colour, cv2.LINE_AA)
                     cv2.polylines(img, [p], True, colour, 1, cv2.LINE_AA)
                     pts.append(p)
-            label = ann.get("level", "")
-            if class_names and len(class_names) > 1:
-                label = f"{label} {class_names[ann['category_id']][:4]}".strip()
+            label = "" if by_class else ann.get("level", "")
             if label and pts:
                 c = np.concatenate(pts).mean(0).astype(int)
                 cv2.putText(img, label, (int(c[0]) + 2, int(c[1]) + 4), cv2.FONT_HERSHEY_SIMPLEX,
                             0.35, colour, 1, cv2.LINE_AA)  # fmt: skip
+        if by_class:
+            img = cv2.addWeighted(fill, 0.35, img, 0.65, 0)
+            for k, name in enumerate(class_names):
+                y = img.shape[0] - 10 - 16 * (len(class_names) - 1 - k)
+                cv2.putText(img, name, (6, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                            _COLOURS[k % len(_COLOURS)][::-1], 1, cv2.LINE_AA)  # fmt: skip
         r, c = divmod(i, cols)
         sheet[r * tile : r * tile + img.shape[0], c * tile : c * tile + img.shape[1]] = img
         cv2.putText(sheet, Path(rec["file_name"]).name, (c * tile + 4, r * tile + 14),
@@ -939,6 +950,10 @@ def preview(out_dir, split="train", n=12, out_png=None, seed=0) -> str:
     coco = json.loads((out_dir / f"{split}.json").read_text())
     names = [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
     rng = np.random.default_rng(seed)
+    parts = len(names) > 1
+    if parts:  # filled part masks need bigger tiles to be judged
+        n = min(n, 6)
     pick = sorted(rng.choice(len(records), size=min(n, len(records)), replace=False))
     return contact_sheet([records[i] for i in pick], out_png or out_dir / f"preview_{split}.png",
+                         cols=3 if parts else 4, tile=640 if parts else 384,
                          class_names=names)  # fmt: skip

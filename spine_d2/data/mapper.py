@@ -9,6 +9,7 @@ Differences from detectron2's DatasetMapper, and why:
 - ``gt_levels``: the ``level`` of each kept instance (e.g. "T12", None when unknown), aligned
   with ``instances``; strings cannot live in ``Instances``, so they sit beside it.
 """
+
 from __future__ import annotations
 
 import copy

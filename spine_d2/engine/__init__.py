@@ -1,5 +1,5 @@
 from .setup import build_config, setup
-from .trainer import SpineTrainer
 from .train import main
+from .trainer import SpineTrainer
 
 __all__ = ["SpineTrainer", "build_config", "main", "setup"]

@@ -1,8 +1,11 @@
 """The body of tools/train_net.py, importable so that tests run it in-process."""
+
 from __future__ import annotations
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..zoi.export import export_datasets
+from .hooks import ZOIExportHook
 from .setup import setup
 from .trainer import SpineTrainer
 
@@ -10,14 +13,18 @@ __all__ = ["main"]
 
 
 def main(args):
-    """Train (optionally resuming) or, with ``--eval-only``, evaluate MODEL.WEIGHTS."""
+    """Train (optionally resuming) or, with ``--eval-only``, evaluate MODEL.WEIGHTS; with
+    ZOI.EXPORT_AFTER_EVAL the evaluation is followed by the ZOI export in both cases."""
     cfg = setup(args)
     if args.eval_only:
         model = SpineTrainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        return SpineTrainer.test(cfg, model)
+        results = SpineTrainer.test(cfg, model)
+        if cfg.ZOI.EXPORT_AFTER_EVAL:
+            ZOIExportHook(0, lambda: export_datasets(cfg, model)).export_now()
+        return results
     trainer = SpineTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

@@ -1,8 +1,10 @@
 """SpineTrainer: detectron2's DefaultTrainer with the X-ray mapper and spine evaluators."""
+
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
@@ -12,18 +14,33 @@ from detectron2.utils import comm
 
 from ..data.mapper import XrayDatasetMapper
 from ..evaluation.vertebra import VertebraEvaluator
+from ..zoi.export import export_datasets
+from .hooks import ZOIExportHook
 
 __all__ = ["SpineTrainer", "write_eval_results"]
 
 logger = logging.getLogger(__name__)
 
 
+def _json_safe(obj):
+    """NaN/inf (e.g. COCO's APl with no large objects) become null: strict JSON has no NaN."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return _json_safe(obj.item())
+    return obj
+
+
 def write_eval_results(results: dict, path: str) -> None:
-    """Write results as JSON atomically (temp name + rename), floats as plain numbers."""
+    """Write results as strict JSON atomically (temp name + rename)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, default=float)
+        json.dump(_json_safe(results), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
 
 
@@ -65,8 +82,13 @@ class SpineTrainer(DefaultTrainer):
         return results
 
     def build_export_hooks(self):
-        """Hooks that run after evaluation (ZOI export arrives here with its issue)."""
-        return []
+        """ZOIExportHook when ZOI.EXPORT_AFTER_EVAL: after the final evaluation and, with
+        ZOI.EXPORT_EVERY_EVAL, after each periodic one; on the trainer's model."""
+        cfg = self.cfg
+        if not cfg.ZOI.EXPORT_AFTER_EVAL:
+            return []
+        period = cfg.TEST.EVAL_PERIOD if cfg.ZOI.EXPORT_EVERY_EVAL else 0
+        return [ZOIExportHook(period, lambda: export_datasets(cfg, self.model))]
 
     def build_hooks(self):
         ret = super().build_hooks()

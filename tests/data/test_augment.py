@@ -1,4 +1,5 @@
 """X-ray augmentations: geometry moves annotations exactly, photometry leaves them alone."""
+
 import copy
 
 import cv2

@@ -1,4 +1,5 @@
 """XrayDatasetMapper end to end: scan on disk -> image tensor, Instances and levels."""
+
 import copy
 
 import cv2

@@ -1,0 +1,194 @@
+"""The exporter and its CLI on folders of synthetic scans (random-init model, CPU)."""
+
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+
+from spine_d2.data.io import read_scan
+from spine_d2.zoi import ZOIExporter, check_manifest_line, discover_scans, shard
+from spine_d2.zoi.cli import main as cli_main
+
+try:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+except ImportError:
+    pydicom = None
+
+
+def _dicom(path, arr, bits_stored):
+    """A minimal 12-bit DX file, MONOCHROME2."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        SecondaryCaptureImageStorage,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.Modality, ds.Rows, ds.Columns = "DX", arr.shape[0], arr.shape[1]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = arr.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _lines(path):
+    return [json.loads(l) for l in open(path).read().splitlines()]
+
+
+def _check_zoi_pixels(out, line, scan):
+    for z in line["zois"]:
+        x0, y0, x1, y1 = z["crop_xyxy"]
+        data = cv2.imdecode(np.fromfile(str(out / z["file"]), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert data.dtype == scan.pixels.dtype
+        mask = mask_util.decode(z["mask_rle"]).astype(bool)
+        assert mask.sum() == z["area"]
+        assert not mask[:y0].any() and not mask[y1:].any() and not mask[:, :x0].any()
+        alpha = data[..., 3] > 0
+        assert np.array_equal(alpha, mask[y0:y1, x0:x1])
+        # the unprocessed pixels, in their own bit depth, under (and around) the mask
+        assert np.array_equal(data[..., 0], scan.pixels[y0:y1, x0:x1])
+        assert np.array_equal(data[..., 0][alpha], scan.pixels[mask])
+
+
+def test_zoi_pixels_are_the_source_pixels_8_16_bit_and_dicom(
+    random_model, export_cfg, scan_folder, tmp_path
+):
+    if pydicom is not None:  # a 12-bit DICOM beside the PNGs
+        arr = (read_scan(scan_folder / "a" / "train_000.png").pixels >> 4).astype(np.uint16)
+        _dicom(str(scan_folder / "c.dcm"), arr, bits_stored=12)
+    out = tmp_path / "out"
+    items, roots = discover_scans([str(scan_folder)])
+    summary = ZOIExporter(export_cfg(), random_model).export(
+        items, out, roots=roots, progress=False
+    )
+    assert summary["scans_ok"] == len(items) == (5 if pydicom else 4)
+    lines = _lines(out / "manifest.jsonl")
+    assert [l["path"] for l in lines] == sorted(i.rel for i in items)
+    depths = set()
+    for line in lines:
+        check_manifest_line(line)
+        scan = read_scan(scan_folder / line["path"])
+        depths.add(line["bit_depth"])
+        assert (line["width"], line["height"], line["sha256"]) == (
+            scan.width,
+            scan.height,
+            scan.meta["sha256"],
+        )
+        assert len(line["zois"]) == 5
+        _check_zoi_pixels(out, line, scan)
+    assert depths == {8, 16}
+    assert (out / "errors.jsonl").read_text() == ""
+    assert summary["timings_s"].keys() >= {"decode", "model", "paste", "crop", "write"}
+
+
+def test_npz_format(random_model, export_cfg, scan_folder, tmp_path):
+    items, roots = discover_scans([str(scan_folder / "b")])
+    out = tmp_path / "out"
+    ZOIExporter(export_cfg("ZOI.FORMAT", "npz"), random_model).export(items, out, progress=False)
+    line = _lines(out / "manifest.jsonl")[0]
+    scan = read_scan(scan_folder / "b" / line["path"])
+    z = line["zois"][0]
+    with np.load(out / z["file"]) as npz:
+        x0, y0, x1, y1 = npz["crop_xyxy"]
+        assert np.array_equal(npz["pixels"], scan.pixels[y0:y1, x0:x1])
+        assert npz["mask"].sum() == z["area"]
+
+
+def test_resume_after_a_kill_redoes_only_the_unfinished_scan(
+    random_model, export_cfg, scan_folder, tmp_path
+):
+    out = tmp_path / "out"
+    items, roots = discover_scans([str(scan_folder / "a")])
+    exporter = ZOIExporter(export_cfg(), random_model)
+    exporter.export(items, out, progress=False)
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    # simulate a kill while the last scan was written: half a ZOI folder, a torn manifest line
+    victim = json.loads(lines[-1])
+    zoi_dir = out / os.path.dirname(victim["zois"][0]["file"])
+    shutil.move(zoi_dir, str(zoi_dir) + ".partial")
+    os.remove(str(zoi_dir) + ".partial/" + os.path.basename(victim["zois"][0]["file"]))
+    manifest.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
+    before = {
+        l["path"]: os.path.getmtime(out / l["zois"][0]["file"]) for l in map(json.loads, lines[:-1])
+    }
+
+    summary = exporter.export(items, out, progress=False)
+    assert (summary["scans_ok"], summary["scans_skipped"]) == (1, len(items) - 1)
+    final = _lines(manifest)
+    assert [l["path"] for l in final] == sorted(i.rel for i in items)
+    assert not list(out.rglob("*.partial"))
+    assert len(os.listdir(zoi_dir)) == len(victim["zois"])
+    for path, mtime in before.items():  # finished scans were not rewritten
+        line = next(l for l in final if l["path"] == path)
+        assert os.path.getmtime(out / line["zois"][0]["file"]) == mtime
+    # another model (here: another margin, part of the hash) redoes everything
+    summary = ZOIExporter(export_cfg("ZOI.MARGIN", "0"), random_model).export(
+        items, out, progress=False
+    )
+    assert summary["scans_ok"] == len(items) and len(_lines(manifest)) == len(items)
+
+
+def test_cli_corrupt_files_go_to_errors_with_exit_code_3(export_cli, scan_folder, tmp_path, capsys):
+    (scan_folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 10)
+    (scan_folder / "a" / "empty.tif").write_bytes(b"")
+    out = tmp_path / "out"
+    rc = export_cli(
+        "--input", str(scan_folder), "--output", str(out), "--overlays", "--workers", "1"
+    )
+    assert rc == 3
+    errors = _lines(out / "errors.jsonl")
+    assert sorted(e["path"] for e in errors) == ["a/broken.png", "a/empty.tif"]
+    assert all(e["reason"] for e in errors)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["scans_ok"], summary["scans_failed"]) == (4, 2)
+    assert len(_lines(out / "manifest.jsonl")) == 4
+    assert len(list((out / "overlays").rglob("*.png"))) == 4
+    assert not any(
+        p.name.startswith(("zoi", "overlays", "manifest")) for p in scan_folder.rglob("*")
+    )
+
+
+def test_cli_refuses_output_inside_input_and_bad_usage(export_cli, scan_folder, tmp_path):
+    assert export_cli("--input", str(scan_folder), "--output", str(scan_folder / "a" / "out")) == 2
+    assert not (scan_folder / "a" / "out").exists()
+    assert export_cli("--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")) == 2
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--input", "x"])
+    assert e.value.code == 2
+
+
+def test_shards_partition_the_sorted_scan_list(export_cli, scan_folder, tmp_path):
+    items, _ = discover_scans([str(scan_folder / "**" / "*.png")])
+    assert [i.rel for i in items] == sorted(i.rel for i in items) and len(items) == 4
+    for k in (1, 2, 3, 5):
+        parts = [shard(items, k, i) for i in range(k)]
+        flat = [it for p in parts for it in p]
+        assert sorted(flat, key=lambda i: i.rel) == items and len(set(flat)) == len(items)
+    out = tmp_path / "out"
+    for i in range(2):
+        assert (
+            export_cli(
+                "--input",
+                str(scan_folder),
+                "--output",
+                str(out),
+                "--num-shards",
+                "2",
+                "--shard-index",
+                str(i),
+            )
+            == 0
+        )
+    paths = [l["path"] for i in range(2) for l in _lines(out / f"manifest-{i:05d}-of-00002.jsonl")]
+    assert sorted(paths) == [i.rel for i in items]

@@ -1,0 +1,72 @@
+"""Ordering along a curved spine, gap detection and level naming."""
+
+import numpy as np
+import torch
+
+from spine_d2.config import VERTEBRA_LEVELS
+from spine_d2.zoi.extract import ScanPredictions, extract_zois
+from spine_d2.zoi.order import assign_levels, find_gaps, order_along_spine
+
+
+def _curved_spine(n=14):
+    """Centroids on a strongly scoliotic curve: a 200-degree arc, where sorting by y fails."""
+    t = np.linspace(-0.55 * np.pi, 0.55 * np.pi, n)
+    return np.stack([300 + 120 * np.cos(t), 300 + 120 * np.sin(t)], axis=1)
+
+
+def test_order_follows_the_curve_not_y():
+    pts = _curved_spine()
+    perm = np.random.default_rng(0).permutation(len(pts))
+    seq = order_along_spine(pts[perm])
+    recovered = [int(perm[i]) for i in seq.order]
+    assert recovered == list(range(len(pts)))  # top end first, then along the arc
+    assert list(np.argsort(pts[:, 1])) != recovered  # plain y-sorting would get it wrong
+    assert np.all(np.diff(seq.position) > 0) and seq.gaps == []
+
+
+def test_gap_found_where_one_vertebra_was_removed():
+    # spacing grows slowly from top to bottom, as from thoracic to lumbar
+    y = np.cumsum(np.linspace(20, 30, 12))
+    pts = np.stack([100 + 10 * np.sin(y / 80), y], axis=1)
+    assert find_gaps(pts) == []
+    removed = np.delete(pts, 6, axis=0)
+    seq = order_along_spine(removed[::-1])
+    assert seq.gaps == [(5, 1)]
+
+
+def test_levels_from_anchor_skip_the_gap():
+    levels = list(VERTEBRA_LEVELS)
+    assert assign_levels(4, [(1, 1)], levels, "T10") == ["T10", "T11", "L1", "L2"]
+    assert assign_levels(3, [], levels, "L5", anchor_at="bottom") == ["L3", "L4", "L5"]
+    assert assign_levels(2, [], levels, "") == [None, None]
+
+
+def test_extract_reports_the_missing_vertebra_with_its_level():
+    # box-shaped masks (probabilities 1) of 9 vertebrae down a 400 px scan, the 5th removed
+    centres = [(64 + 3 * k, 30 + 40 * k) for k in range(9)]
+    del centres[4]
+    boxes = torch.tensor(
+        [[x - 14, y - 10, x + 14, y + 10] for x, y in centres], dtype=torch.float32
+    )
+    n = len(boxes)
+    pred = ScanPredictions(
+        boxes, torch.linspace(0.9, 0.99, n), torch.zeros(n, dtype=torch.long), torch.ones(n, 28, 28)
+    )
+    pixels = np.random.default_rng(0).integers(0, 65535, (400, 128), dtype=np.uint16)
+    entries, files, missing = extract_zois(
+        pixels, pred, zoi_dir="zoi/x", anchor_level="T4", levels=list(VERTEBRA_LEVELS)
+    )
+    assert [e["level"] for e in entries] == ["T4", "T5", "T6", "T7", "T9", "T10", "T11", "T12"]
+    assert [e["centroid"][1] for e in entries] == sorted(e["centroid"][1] for e in entries)
+    assert missing == [{"reason": "gap", "after": 3, "before": 4, "count": 1, "levels": ["T8"]}]
+    assert sorted(files) == sorted(e["file"] for e in entries)
+    assert entries[0]["file"] == "zoi/x/00_T4.png"
+
+
+def test_no_detections_is_a_suspected_miss_not_an_error():
+    empty = ScanPredictions(
+        torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, 28, 28)
+    )
+    entries, files, missing = extract_zois(np.zeros((64, 64), np.uint8), empty, zoi_dir="zoi/e")
+    assert entries == [] and files == {}
+    assert missing[0]["reason"] == "no_detections"
