@@ -29,6 +29,9 @@ def main(argv=None):
     ap.add_argument("--num-test", type=int)
     ap.add_argument("--size", type=int, help="output scans are SIZE x SIZE pixels")
     ap.add_argument("--bit-depth", type=int, choices=[8, 16])
+    ap.add_argument(
+        "--image-format", choices=["png", "dicom"], help="scan files (default 16-bit PNG)"
+    )
     ap.add_argument("--preview", action="store_true", help="write preview_<split>.png sheets")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

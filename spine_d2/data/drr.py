@@ -75,6 +75,7 @@ class DrrParams:
     views_test: int = 3
     size: int = 512  # output scans are size x size
     bit_depth: int = 16
+    image_format: str = "png"  # or "dicom" (.dcm, MONOCHROME2, pixel spacing at the isocentre)
     # --- volume (resampled once, cached)
     z_spacing_mm: float = 1.25  # the CT has 2.5 mm slices; resampled smoothly to this
     mu_water: float = 0.02  # 1/mm, ~65 keV effective energy
@@ -91,7 +92,10 @@ class DrrParams:
     # --- scans
     full_spine_fraction: float = 0.1  # scans showing the whole spine instead of a crop
     crop_vertebrae: tuple = (4, 9)  # crops frame this many consecutive vertebrae
-    pixel_mm_range: tuple = (0.3, 0.8)  # output pixel size at the isocentre (zoom limits)
+    # Output pixel size at the isocentre (zoom limits). 0.45 mm is ~0.62 mm at the detector
+    # (magnification ~1.4): finer zoom only magnifies the 0.7 x 0.7 x 2.5 mm CT into blur and
+    # slice banding, so crops meant to frame 4-9 vertebrae may show a few more.
+    pixel_mm_range: tuple = (0.45, 0.8)
     global_rotation_deg: float = 8.0
     vertebra_rotation_deg: float = 2.5  # per-vertebra motion (std, smooth along the spine)
     vertebra_shift_mm: float = 1.5
@@ -710,6 +714,46 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _write_dicom(path: Path, pixels: np.ndarray, pixel_mm: float) -> None:
+    """A Secondary Capture DICOM of a DRR: no patient data exists, so none is written."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.Modality = "DX"
+    ds.ImageType = ["DERIVED", "SECONDARY", "DRR"]
+    ds.SeriesDescription = "spine-d2 DRR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    ds.ImagerPixelSpacing = [round(pixel_mm, 6)] * 2  # at the isocentre (DRR geometry)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    tmp = path.with_name(path.stem + ".tmp.dcm")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+
+
+def _write_scan(out_dir: Path, name: str, pixels: np.ndarray, params, pixel_mm: float) -> None:
+    if params.image_format == "dicom":
+        _write_dicom(out_dir / "images" / name, pixels, pixel_mm)
+    else:
+        _write_png(out_dir / "images" / name, pixels)
+
+
 def _render_scan(base, geom, params, rng, dose, window=None, noise=True):
     line, inst = synthesize(base, geom, params)
     spr = float(rng.uniform(*params.scatter_fraction))
@@ -747,6 +791,7 @@ def _split_scans(split, bases, params, out_dir, progress):
     images, anns, pairs = [], [], []
     n_items = (n + 1) // 2 if split == "test" else n
     sid = ("train", "val", "test").index(split)
+    ext = ".dcm" if params.image_format == "dicom" else ".png"
     for i in tqdm(range(n_items), desc=f"{split} scans", disable=not progress):
         rng = np.random.default_rng([params.seed, sid, i])
         base = bases[int(rng.integers(len(bases)))]
@@ -755,8 +800,8 @@ def _split_scans(split, bases, params, out_dir, progress):
             low = rng.random() < params.low_dose_prob
             dose = float(rng.uniform(*params.low_dose_range)) if low else 1.0
             pix, inst, window, spr = _render_scan(base, geom, params, rng, dose)
-            name = f"{split}/{i:05d}.png"
-            _write_png(out_dir / "images" / name, pix)
+            name = f"{split}/{i:05d}{ext}"
+            _write_scan(out_dir, name, pix, params, geom["pixel_mm"])
             images.append(_image_entry(len(images) + 1, name, params.size, base, geom, dose,
                                        window, spr, params))  # fmt: skip
             anns += annotate(inst, params, params.size, len(images), len(anns) + 1)
@@ -766,10 +811,10 @@ def _split_scans(split, bases, params, out_dir, progress):
         pix_a, inst_a, window, spr = _render_scan(base, geom, params, rng, 1.0)
         pix_b, inst_b, _, _ = _render_scan(base, geom_b, params, rng, dose_b, window)
         pix_ideal, _, _, _ = _render_scan(base, geom_b, params, rng, 1.0, window, noise=False)
-        names = [f"test/{i:05d}_A_high.png", f"test/{i:05d}_B_low.png",
-                 f"test/{i:05d}_B_ideal.png"]  # fmt: skip
-        for name, pix in zip(names, (pix_a, pix_b, pix_ideal)):
-            _write_png(out_dir / "images" / name, pix)
+        names = [f"test/{i:05d}_A_high{ext}", f"test/{i:05d}_B_low{ext}",
+                 f"test/{i:05d}_B_ideal{ext}"]  # fmt: skip
+        for name, pix, g in zip(names, (pix_a, pix_b, pix_ideal), (geom, geom_b, geom_b)):
+            _write_scan(out_dir, name, pix, params, g["pixel_mm"])
         ids = []
         for name, g, dose, inst in (
             (names[0], geom, 1.0, inst_a),
@@ -829,6 +874,10 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
     import time
 
     out_dir = Path(out_dir)
+    if params.image_format not in ("png", "dicom") or params.bit_depth not in (8, 16):
+        raise DatasetError(
+            out_dir, f"unsupported output {params.image_format} {params.bit_depth}-bit"
+        )
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     digest = params.digest()
     meta_file = out_dir / "meta.json"

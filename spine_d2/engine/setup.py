@@ -7,6 +7,8 @@ import logging
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..config import add_spine_config
 from ..data.datasets import register_from_config
@@ -43,4 +45,9 @@ def setup(args):
     """build_config plus detectron2's default_setup (output dir, logger, config dump, seed)."""
     cfg = build_config(args.config_file, args.opts)
     default_setup(cfg, args)
+    # default_setup configures detectron2's and fvcore's loggers only: ours log into the same
+    # console and OUTPUT_DIR/log.txt.
+    setup_logger(
+        cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="spine_d2", abbrev_name="spine"
+    )
     return cfg

@@ -191,6 +191,24 @@ def test_coco_files_load_and_register(generated):
         assert (root / "images" / pairs[0][key]).is_file()
 
 
+def test_dicom_output_holds_the_same_pixels_as_png(generated, phantom, tmp_path):
+    from spine_d2.data.io import read_scan
+
+    params = replace(PARAMS, image_format="dicom", num_train=2, num_val=1, num_test=2)
+    root = tmp_path / "dcm"
+    D.generate_dataset(root, params, progress=False, cache_dir=generated / "cache", ct=phantom)
+    coco = json.loads((root / "train.json").read_text())
+    first = coco["images"][0]
+    assert first["file_name"].endswith(".dcm")
+    scan = read_scan(root / "images" / first["file_name"])
+    png = cv2.imread(str(generated / "a" / "images" / "train" / "00000.png"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(scan.pixels, png)  # same seed and scan index, other container
+    assert scan.meta["photometric_interpretation"] == "MONOCHROME2"
+    assert scan.meta["pixel_spacing"] == pytest.approx(
+        [first["pixel_mm"]] * 2, abs=1e-4
+    )  # json keeps 4 decimals
+
+
 def test_real_ct_small_render(tmp_path):
     """The shipped CT end to end: prepared volume, one coarse lateral view, labels on bone."""
     params = replace(PARAMS, z_spacing_mm=2.5, base_pixel_mm=4.0, base_width_mm=300.0)
