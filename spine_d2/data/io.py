@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ScanReadError
 
-__all__ = ["Scan", "read_scan", "register_reader", "is_scan_file", "SCAN_SUFFIXES"]
+__all__ = ["Scan", "read_scan", "register_reader", "is_scan_file", "file_sha256", "SCAN_SUFFIXES"]
 
 # Sizes outside these bounds are corrupt headers, thumbnails or decompression bombs, not scans.
 MIN_SIDE = 8
@@ -362,7 +362,8 @@ def is_scan_file(path: str | os.PathLike) -> bool:
     return p.is_file() and (p.suffix.lower() in _READERS or _has_dicom_preamble(os.fspath(p)))
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, streamed (scans can be hundreds of MB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -414,7 +415,7 @@ def read_scan(path: str | os.PathLike, *, frame: int | None = None) -> Scan:
         if meta.get("invert"):
             image = 1.0 - image
     meta.setdefault("format", p.suffix.lower().lstrip(".") or "unknown")
-    meta.setdefault("sha256", _sha256(path))
+    meta.setdefault("sha256", file_sha256(path))
     bit_depth = pixels.dtype.itemsize * 8 if pixels.dtype.kind == "u" else 32
     return Scan(
         path=path, pixels=pixels, image=image.astype(np.float32), bit_depth=bit_depth, meta=meta

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.augment import build_xray_augmentations
-from ..data.io import read_scan
+from ..data.io import file_sha256, read_scan
 from ..errors import SpineError
 from .extract import extract_zois, scale_to_original
 from .manifest import SCHEMA_VERSION, append_line, compact_manifest, load_manifest, open_for_append
@@ -53,14 +53,6 @@ _HASHED_ZOI_KEYS = (
     "ANCHOR_AT",
     "GAP_FACTOR",
 )
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_hash(cfg, model, config_file: str = "") -> dict:
@@ -104,7 +96,7 @@ class _ScanDataset(Dataset):
         t0 = time.perf_counter()
         try:
             if item.rel in self.done:  # hash first: skipping costs one read, not a decode
-                if self.done[item.rel] == (_sha256_file(item.path), self.model_key):
+                if self.done[item.rel] == (file_sha256(item.path), self.model_key):
                     return {"item": item, "skip": True}
             scan = read_scan(item.path)
         except SpineError as e:

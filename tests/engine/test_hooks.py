@@ -1,52 +1,30 @@
 """ZOIExportHook: when it runs, and the export it writes after an eval-only run."""
 
-import argparse
 import json
-from types import SimpleNamespace
 
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 
-from spine_d2.data.datasets import register_spine_coco
 from spine_d2.engine import main
 from spine_d2.engine.hooks import ZOIExportHook
 from spine_d2.zoi import check_manifest_line
 
-CONFIG = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
 
-
-@pytest.fixture
-def synthetic_train(synthetic_coco):
-    register_spine_coco("spine_synthetic_train", *synthetic_coco)
-    yield "spine_synthetic_train"
-    DatasetCatalog.remove("spine_synthetic_train")
-    MetadataCatalog.remove("spine_synthetic_train")
-
-
-def test_eval_only_with_export_after_eval_writes_the_export(synthetic_train, tmp_path):
+def test_eval_only_with_export_after_eval_writes_the_export(synthetic_train, train_args, tmp_path):
     out = tmp_path / "run"
-    args = argparse.Namespace(
-        config_file=CONFIG,
+    args = train_args(
+        out,
+        "ZOI.EXPORT_AFTER_EVAL",
+        "True",
+        "ZOI.SCORE_THRESH",
+        "0.0",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        "0.0",
+        "TEST.DETECTIONS_PER_IMAGE",
+        "4",
+        "ZOI.NUM_WORKERS",
+        "0",
         eval_only=True,
-        resume=False,
-        num_gpus=1,
-        num_machines=1,
-        machine_rank=0,
-        dist_url="auto",
-        opts=[
-            "OUTPUT_DIR",
-            str(out),
-            "ZOI.EXPORT_AFTER_EVAL",
-            "True",
-            "ZOI.SCORE_THRESH",
-            "0.0",
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-            "0.0",
-            "TEST.DETECTIONS_PER_IMAGE",
-            "4",
-            "ZOI.NUM_WORKERS",
-            "0",
-        ],
     )
     main(args)  # random init (MODEL.WEIGHTS is empty): the export path is what is tested
     export = out / "zoi" / synthetic_train

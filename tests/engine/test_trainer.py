@@ -1,38 +1,11 @@
 """SpineTrainer end to end on a synthetic dataset: train, checkpoint, resume, eval-only."""
 
-import argparse
 import json
 import math
-from pathlib import Path
 
-import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 
-from spine_d2.data.datasets import register_spine_coco
 from spine_d2.engine import main
-
-CONFIG = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
-
-
-def _args(output_dir, *opts, eval_only=False, resume=False):
-    return argparse.Namespace(
-        config_file=CONFIG,
-        eval_only=eval_only,
-        resume=resume,
-        num_gpus=1,
-        num_machines=1,
-        machine_rank=0,
-        dist_url="auto",
-        opts=["OUTPUT_DIR", str(output_dir), *opts],
-    )
-
-
-@pytest.fixture
-def synthetic_train(synthetic_coco):
-    register_spine_coco("spine_synthetic_train", *synthetic_coco)
-    yield "spine_synthetic_train"
-    DatasetCatalog.remove("spine_synthetic_train")
-    MetadataCatalog.remove("spine_synthetic_train")
 
 
 def _no_nan(name):
@@ -43,9 +16,9 @@ def _metrics(out):
     return [json.loads(l) for l in (out / "metrics.json").read_text().splitlines()]
 
 
-def test_train_resume_and_eval_only(synthetic_train, tmp_path):
+def test_train_resume_and_eval_only(synthetic_train, train_args, tmp_path):
     out = tmp_path / "run"
-    main(_args(out))
+    main(train_args(out))
     assert (out / "model_final.pth").is_file()
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     rows = _metrics(out)
@@ -57,11 +30,11 @@ def test_train_resume_and_eval_only(synthetic_train, tmp_path):
 
     # --resume continues from the last checkpoint (iteration 20), not from 0, to the new MAX_ITER
     n_before = len(rows)
-    main(_args(out, "SOLVER.MAX_ITER", "24", resume=True))
+    main(train_args(out, "SOLVER.MAX_ITER", "24", resume=True))
     new_iters = [r["iteration"] for r in _metrics(out)[n_before:] if "total_loss" in r]
     assert new_iters and min(new_iters) >= 20 and max(new_iters) == 23
 
-    main(_args(out, "MODEL.WEIGHTS", str(out / "model_final.pth"), eval_only=True))
+    main(train_args(out, "MODEL.WEIGHTS", str(out / "model_final.pth"), eval_only=True))
     res = json.loads((out / "inference" / "eval_results.json").read_text())
     assert set(res) == {"bbox", "segm", "vertebra"}
     assert 0.0 <= res["vertebra"]["recall"] <= 1.0
