@@ -13,7 +13,7 @@ OUTPUT_DIR ?= $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(
 PYTEST_ARGS ?= -q -n 2 --durations=10
 export DETECTRON2_DATASETS ?= datasets
 
-.PHONY: install test demo data data-parts train eval export bench lint clean-venv
+.PHONY: install test demo data data-parts train eval export enhance bench lint clean-venv
 
 $(VENV)/.installed: setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ EXPORT_OUTPUT ?= $(OUTPUT_DIR)/zoi_export
 export: $(VENV)/.installed  ## export ZOIs of EXPORT_INPUT with the newest model of $(CONFIG)
 	@test -f $(OUTPUT_DIR)/model_final.pth || { echo "No trained model at $(OUTPUT_DIR)/model_final.pth: run 'make train' (or 'make demo') first."; exit 1; }
 	$(PY) tools/export_zoi.py --config-file $(CONFIG) --input $(EXPORT_INPUT) --output $(EXPORT_OUTPUT) MODEL.WEIGHTS $(OUTPUT_DIR)/model_final.pth
+
+ENHANCE_PAIRS ?= $(DETECTRON2_DATASETS)/spine_drr/pairs.json
+ENHANCE_MANIFEST ?= $(OUTPUT_DIR)/zoi_export/manifest.jsonl
+ENHANCE_OUTPUT ?= $(OUTPUT_DIR)/enhanced
+enhance: $(VENV)/.installed  ## enhance every low-dose scan of ENHANCE_PAIRS with its high-dose pair (needs 'make export')
+	@test -f $(ENHANCE_MANIFEST) || { echo "No export manifest at $(ENHANCE_MANIFEST): run 'make export' first."; exit 1; }
+	$(PY) tools/enhance_scan.py --pairs $(ENHANCE_PAIRS) --out $(ENHANCE_OUTPUT) --low-manifest $(ENHANCE_MANIFEST) --high-manifest $(ENHANCE_MANIFEST)
 
 BENCH_ARGS ?=
 bench: $(VENV)/.installed  ## run every benchmarks/bench_*.py (each prints and saves one JSON line)

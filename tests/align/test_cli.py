@@ -1,0 +1,179 @@
+import json
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from spine_d2.align.cli import main, pairs_from_file, pairs_from_patterns
+from spine_d2.data.io import file_sha256
+
+
+def _write(path, image, dtype=np.uint16):
+    top = np.iinfo(dtype).max
+    cv2.imwrite(str(path), np.clip(np.rint(np.clip(image, 0, 1) * top), 0, top).astype(dtype))
+    return path
+
+
+def _manifest(path, scans):
+    """A minimal export manifest: scan path -> list of full-size boolean masks."""
+    with open(path, "w", encoding="utf-8") as f:
+        for scan, masks in scans:
+            zois = []
+            for k, m in enumerate(masks):
+                rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+                rle["counts"] = rle["counts"].decode()
+                zois.append({"id": k, "level": None, "score": 0.9, "mask_rle": rle})
+            f.write(
+                json.dumps({"path": scan.name, "sha256": file_sha256(scan), "zois": zois}) + "\n"
+            )
+    return path
+
+
+@pytest.fixture
+def pair_files(tmp_path, make_pair):
+    high, ma, low, mb, _ = make_pair(noise=0.03)
+    h = _write(tmp_path / "case1_high.png", high)
+    lo = _write(tmp_path / "case1_low.png", low)
+    man = _manifest(tmp_path / "manifest.jsonl", [(h, [ma]), (lo, [mb])])
+    return h, lo, man
+
+
+def test_single_pair_with_manifests(pair_files, tmp_path, capsys):
+    h, lo, man = pair_files
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "--low",
+            str(lo),
+            "--high",
+            str(h),
+            "--out",
+            str(out),
+            "--low-manifest",
+            str(man),
+            "--high-manifest",
+            str(man),
+        ]
+    )
+    assert rc == 0
+    enhanced = cv2.imread(str(out / "enhanced.png"), cv2.IMREAD_UNCHANGED)
+    assert enhanced.dtype == np.uint16 and enhanced.shape == (160, 160)
+    record = json.loads((out / "transforms.json").read_text())["vertebrae"][0]
+    assert record["used"] and {"matrix", "angle_deg", "scale", "tx", "ty", "quality"} <= set(record)
+    assert (out / "side_by_side.png").is_file()
+
+
+def test_folder_mode_by_pattern(pair_files, tmp_path):
+    h, lo, man = pair_files
+    assert pairs_from_patterns(str(tmp_path), "*_low.png", "*_high.png") == [(str(h), str(lo))]
+    rc = main(
+        [
+            "--input-dir",
+            str(tmp_path),
+            "--low-pattern",
+            "*_low.png",
+            "--high-pattern",
+            "*_high.png",
+            "--out",
+            str(tmp_path / "o"),
+            "--low-manifest",
+            str(man),
+            "--high-manifest",
+            str(man),
+        ]
+    )
+    assert rc == 0 and (tmp_path / "o" / "case1_low" / "enhanced.png").is_file()
+
+
+def test_pairs_file_of_the_builtin_format(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "pairs.json").write_text(
+        json.dumps({"pairs": [{"high_dose": "test/0_A_high.png", "low_dose": "test/0_B_low.png"}]})
+    )
+    got = pairs_from_file(str(tmp_path / "pairs.json"))
+    assert got == [
+        (
+            str(tmp_path / "images" / "test/0_A_high.png"),
+            str(tmp_path / "images" / "test/0_B_low.png"),
+        )
+    ]
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("enhance_scan: error:")
+    return err[0]
+
+
+def test_missing_file(pair_files, tmp_path, capsys):
+    h, _, man = pair_files
+    rc = main(
+        [
+            "--low",
+            str(tmp_path / "nope.png"),
+            "--high",
+            str(h),
+            "--out",
+            str(tmp_path / "o"),
+            "--low-manifest",
+            str(man),
+            "--high-manifest",
+            str(man),
+        ]
+    )
+    assert rc == 2 and "nope.png: no such file" in _error_line(capsys)
+
+
+def test_different_size_classes(pair_files, tmp_path, capsys):
+    h, _, _ = pair_files
+    small = _write(tmp_path / "small_low.png", np.full((40, 40), 0.3))
+    m = np.zeros((40, 40), bool)
+    m[10:20, 10:20] = True
+    big = np.zeros((160, 160), bool)
+    big[40:100, 40:100] = True
+    man = _manifest(tmp_path / "m2.jsonl", [(h, [big]), (small, [m])])
+    rc = main(
+        [
+            "--low",
+            str(small),
+            "--high",
+            str(h),
+            "--out",
+            str(tmp_path / "o"),
+            "--low-manifest",
+            str(man),
+            "--high-manifest",
+            str(man),
+        ]
+    )
+    assert rc == 2 and "different size classes" in _error_line(capsys)
+
+
+def test_no_vertebra_found(pair_files, tmp_path, capsys):
+    h, lo, _ = pair_files
+    big = np.zeros((160, 160), bool)
+    big[40:100, 40:100] = True
+    man = _manifest(tmp_path / "m3.jsonl", [(h, [big]), (lo, [])])
+    rc = main(
+        [
+            "--low",
+            str(lo),
+            "--high",
+            str(h),
+            "--out",
+            str(tmp_path / "o"),
+            "--low-manifest",
+            str(man),
+            "--high-manifest",
+            str(man),
+        ]
+    )
+    assert rc == 2 and "no vertebra found" in _error_line(capsys)
+
+
+def test_usage_errors(tmp_path, capsys):
+    assert main(["--out", str(tmp_path)]) == 2
+    assert "one of" in _error_line(capsys)
+    assert main(["--low", "a.png", "--high", "b.png", "--out", str(tmp_path)]) == 2
+    assert "no such file" in _error_line(capsys)

@@ -1,0 +1,42 @@
+import cv2
+import numpy as np
+import pytest
+
+from spine_d2.align import composite, enhance_pair
+from spine_d2.align.match import Vertebra
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_outside_masks_identical_and_bit_depth_kept(make_pair, to_scan, dtype):
+    high, ma, low, mb, truth = make_pair(noise=0.04)
+    hs, ls = to_scan(high, dtype), to_scan(low, dtype)
+    va, vb = Vertebra.from_full_mask(ma, level="L1"), Vertebra.from_full_mask(mb, level="L1")
+    res = enhance_pair(hs, ls, [va], [vb], feather_px=3.0)
+    assert res.pixels.dtype == dtype and res.pixels.shape == ls.pixels.shape
+    assert res.registrations[0].reliable
+    near = cv2.dilate(mb.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    assert np.array_equal(res.pixels[~near], ls.pixels[~near])
+    assert not np.array_equal(res.pixels[mb], ls.pixels[mb])
+    # Inside the vertebra the composite is closer to the noise-free truth than the noisy scan.
+    clean = to_scan(cv2.warpAffine(high, truth, high.shape[::-1]), dtype).pixels.astype(float)
+    inner = cv2.erode(mb.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    err_raw = np.abs(ls.pixels[inner] - clean[inner]).mean()
+    err_enh = np.abs(res.pixels[inner] - clean[inner]).mean()
+    assert err_enh < 0.5 * err_raw
+
+
+def test_unreliable_fit_is_not_composited(make_pair, to_scan):
+    high, ma, low, _, _ = make_pair()
+    wrong = np.zeros_like(ma)
+    wrong[10:16, 10:90] = True
+    hs, ls = to_scan(high), to_scan(low)
+    res = enhance_pair(hs, ls, [Vertebra.from_full_mask(ma)], [Vertebra.from_full_mask(wrong)])
+    assert not res.registrations[0].reliable
+    assert res.records[0]["used"] is False and res.records[0]["reason"]
+    assert np.array_equal(res.pixels, ls.pixels)
+
+
+def test_composite_without_items_is_a_copy():
+    low = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    out = composite(low, low, [])
+    assert out.dtype == np.uint16 and np.array_equal(out, low) and out is not low
