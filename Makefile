@@ -43,7 +43,7 @@ eval: $(VENV)/.installed  ## evaluate the newest model of $(CONFIG) on its test 
 	$(PY) tools/train_net.py --config-file $(CONFIG) --eval-only MODEL.WEIGHTS $(OUTPUT_DIR)/model_final.pth
 	@echo "Results: $(OUTPUT_DIR)/inference/eval_results.json"
 
-EXPORT_INPUT ?= $(DETECTRON2_DATASETS)/spine_drr/images
+EXPORT_INPUT ?= $(DETECTRON2_DATASETS)/spine_drr/images/test
 EXPORT_OUTPUT ?= $(OUTPUT_DIR)/zoi_export
 export: $(VENV)/.installed  ## export ZOIs of EXPORT_INPUT with the newest model of $(CONFIG)
 	@test -f $(OUTPUT_DIR)/model_final.pth || { echo "No trained model at $(OUTPUT_DIR)/model_final.pth: run 'make train' (or 'make demo') first."; exit 1; }

@@ -138,8 +138,9 @@ def main(argv=None) -> dict:
     )
     ap.add_argument(
         "--manifest",
-        default="output/zoi_test_cli/manifest.jsonl",
-        help="export of the test images (paths relative to images/test)",
+        default="output/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu/zoi_export/manifest.jsonl",
+        help="export of the test images, paths relative to images/test (what `make export` "
+        "writes); without it only ground-truth masks are measured",
     )
     ap.add_argument("--tune", type=int, default=10, help="pairs used to tune NLM's h (excluded)")
     ap.add_argument("--max-pairs", type=int, default=0)
