@@ -3,6 +3,17 @@
 Importing the package registers the built-in datasets (so multi-GPU workers see them too).
 """
 
+import warnings
+
+# detectron2 0.6 on current torch: two deprecations inside detectron2 that users cannot act on
+# and that would otherwise open every log. Only these exact messages are silenced.
+warnings.filterwarnings(
+    "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+)
+warnings.filterwarnings(
+    "ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning
+)
+
 try:
     import detectron2  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only on a broken install
