@@ -54,6 +54,8 @@ def composite(
     feather_px: float = 3.0,
     local_sigma_px: float = 6.0,
     adaptive: bool = True,
+    guided_radius: int = 2,
+    guided_eps: float = 1e-3,
 ) -> np.ndarray:
     """Enhanced scan in ``low_pixels``' dtype.
 
@@ -61,6 +63,13 @@ def composite(
     ``local_sigma_px`` = 0 keeps only the per-vertebra gain/offset. ``adaptive`` weighs the
     composite per vertebra by how its misfit compares with the low-dose noise (see
     ``_wiener_weight``); off, every reliable vertebra replaces the low-dose pixels fully.
+
+    ``guided_radius`` > 0 (default): the composite is not pasted but used as the *guide* of a
+    guided filter (He et al.) of the low-dose scan inside the masks. Pasting brings along the
+    ribs and soft tissue that sat behind the vertebra at the high-dose pose, which do not move
+    with it; the guided filter keeps only structure that the low-dose scan confirms locally
+    (window radius ``guided_radius``, regularization ``guided_eps`` in [0, 1] intensity units)
+    and replaces the rest by local means, i.e. removes the grain. ``adaptive`` is then unused.
     """
     if low_pixels.ndim != 2 or high_pixels.ndim != 2:
         raise ValueError("composite works on single-channel scans")
@@ -114,7 +123,7 @@ def composite(
         if local_sigma_px > 0:
             resid = lowbox - matched
             matched = matched + _normalized_smooth(resid, inside.astype(np.float32), local_sigma_px)
-        if adaptive:
+        if adaptive and guided_radius <= 0:
             weight = weight * _wiener_weight(lowbox, matched, sel)
         acc_v[y0:y1, x0:x1] += weight * matched
         acc_w[y0:y1, x0:x1] += weight
@@ -125,12 +134,33 @@ def composite(
     wsum = acc_w[touched]
     value = acc_v[touched] / wsum
     alpha = np.minimum(wsum, 1.0)
+    if guided_radius > 0:
+        scale = float(np.iinfo(out.dtype).max) if np.issubdtype(out.dtype, np.integer) else 1.0
+        guide = low.copy()
+        guide[touched] = value
+        filtered = _guided_filter(guide / scale, low / scale, guided_radius, guided_eps) * scale
+        value = filtered[touched]
     blended = alpha * value + (1 - alpha) * low[touched]
     if np.issubdtype(out.dtype, np.integer):
         info = np.iinfo(out.dtype)
         blended = np.clip(np.rint(blended), info.min, info.max)
     out[touched] = blended.astype(out.dtype)
     return out
+
+
+def _box(x: np.ndarray, r: int) -> np.ndarray:
+    return cv2.boxFilter(x, -1, (2 * r + 1, 2 * r + 1), borderType=cv2.BORDER_REFLECT)
+
+
+def _guided_filter(guide: np.ndarray, src: np.ndarray, r: int, eps: float) -> np.ndarray:
+    """He, Sun, Tang: guided image filtering (ECCV 2010), gray guide, box windows."""
+    guide, src = guide.astype(np.float32), src.astype(np.float32)
+    m_i, m_p = _box(guide, r), _box(src, r)
+    cov = _box(guide * src, r) - m_i * m_p
+    var = _box(guide * guide, r) - m_i * m_i
+    a = cov / (var + eps)
+    b = m_p - a * m_i
+    return _box(a, r) * guide + _box(b, r)
 
 
 def _noise_var(img: np.ndarray, sel: np.ndarray) -> float:

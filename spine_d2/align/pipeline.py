@@ -92,6 +92,8 @@ def enhance_pair(
     local_sigma_px: float = 6.0,
     smooth_sigmas=(),
     adaptive: bool = True,
+    guided_radius: int = 2,
+    guided_eps: float = 1e-3,
 ) -> EnhanceResult:
     """Register every matched vertebra of ``high`` (Scan) onto ``low`` (Scan) and composite."""
     t0 = time.perf_counter()
@@ -143,6 +145,8 @@ def enhance_pair(
         feather_px=feather_px,
         local_sigma_px=local_sigma_px,
         adaptive=adaptive,
+        guided_radius=guided_radius,
+        guided_eps=guided_eps,
     )
     return EnhanceResult(pixels, match, regs, records, time.perf_counter() - t0)
 
