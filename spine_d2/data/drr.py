@@ -26,6 +26,7 @@ import numpy as np
 
 from ..config import VERTEBRA_LEVELS
 from ..errors import DatasetError
+from .dicom import write_dicom
 
 logger = logging.getLogger(__name__)
 
@@ -716,42 +717,16 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, pixel_mm: float) -> None:
-    """A Secondary Capture DICOM of a DRR: no patient data exists, so none is written."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = (
-        meta.MediaStorageSOPClassUID,
-        meta.MediaStorageSOPInstanceUID,
-    )
-    ds.Modality = "DX"
-    ds.ImageType = ["DERIVED", "SECONDARY", "DRR"]
-    ds.SeriesDescription = "spine-d2 DRR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    bits = pixels.dtype.itemsize * 8
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    ds.ImagerPixelSpacing = [round(pixel_mm, 6)] * 2  # at the isocentre (DRR geometry)
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    tmp = path.with_name(path.stem + ".tmp.dcm")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
-
-
 def _write_scan(out_dir: Path, name: str, pixels: np.ndarray, params, pixel_mm: float) -> None:
     if params.image_format == "dicom":
-        _write_dicom(out_dir / "images" / name, pixels, pixel_mm)
+        # pixel spacing at the isocentre (DRR geometry)
+        write_dicom(
+            out_dir / "images" / name,
+            pixels,
+            pixel_spacing_mm=pixel_mm,
+            ImageType=["DERIVED", "SECONDARY", "DRR"],
+            SeriesDescription="spine-d2 DRR",
+        )
     else:
         _write_png(out_dir / "images" / name, pixels)
 

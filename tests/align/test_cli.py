@@ -42,20 +42,7 @@ def pair_files(tmp_path, make_pair):
 def test_single_pair_with_manifests(pair_files, tmp_path, capsys):
     h, lo, man = pair_files
     out = tmp_path / "out"
-    rc = main(
-        [
-            "--low",
-            str(lo),
-            "--high",
-            str(h),
-            "--out",
-            str(out),
-            "--low-manifest",
-            str(man),
-            "--high-manifest",
-            str(man),
-        ]
-    )
+    rc = _enhance_one(lo, h, out, man)
     assert rc == 0
     enhanced = cv2.imread(str(out / "enhanced.png"), cv2.IMREAD_UNCHANGED)
     assert enhanced.dtype == np.uint16 and enhanced.shape == (160, 160)
@@ -100,6 +87,14 @@ def test_pairs_file_of_the_builtin_format(tmp_path):
     ]
 
 
+def _enhance_one(low, high, out, manifest):
+    """enhance_scan on one pair, both scans' vertebrae taken from ``manifest``."""
+    return main(
+        ["--low", str(low), "--high", str(high), "--out", str(out)]
+        + ["--low-manifest", str(manifest), "--high-manifest", str(manifest)]
+    )
+
+
 def _error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("enhance_scan: error:")
@@ -108,20 +103,7 @@ def _error_line(capsys):
 
 def test_missing_file(pair_files, tmp_path, capsys):
     h, _, man = pair_files
-    rc = main(
-        [
-            "--low",
-            str(tmp_path / "nope.png"),
-            "--high",
-            str(h),
-            "--out",
-            str(tmp_path / "o"),
-            "--low-manifest",
-            str(man),
-            "--high-manifest",
-            str(man),
-        ]
-    )
+    rc = _enhance_one(tmp_path / "nope.png", h, tmp_path / "o", man)
     assert rc == 2 and "nope.png: no such file" in _error_line(capsys)
 
 
@@ -133,20 +115,7 @@ def test_different_size_classes(pair_files, tmp_path, capsys):
     big = np.zeros((160, 160), bool)
     big[40:100, 40:100] = True
     man = _manifest(tmp_path / "m2.jsonl", [(h, [big]), (small, [m])])
-    rc = main(
-        [
-            "--low",
-            str(small),
-            "--high",
-            str(h),
-            "--out",
-            str(tmp_path / "o"),
-            "--low-manifest",
-            str(man),
-            "--high-manifest",
-            str(man),
-        ]
-    )
+    rc = _enhance_one(small, h, tmp_path / "o", man)
     assert rc == 2 and "different size classes" in _error_line(capsys)
 
 
@@ -155,20 +124,7 @@ def test_no_vertebra_found(pair_files, tmp_path, capsys):
     big = np.zeros((160, 160), bool)
     big[40:100, 40:100] = True
     man = _manifest(tmp_path / "m3.jsonl", [(h, [big]), (lo, [])])
-    rc = main(
-        [
-            "--low",
-            str(lo),
-            "--high",
-            str(h),
-            "--out",
-            str(tmp_path / "o"),
-            "--low-manifest",
-            str(man),
-            "--high-manifest",
-            str(man),
-        ]
-    )
+    rc = _enhance_one(lo, h, tmp_path / "o", man)
     assert rc == 2 and "no vertebra found" in _error_line(capsys)
 
 

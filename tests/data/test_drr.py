@@ -209,6 +209,14 @@ def test_dicom_output_holds_the_same_pixels_as_png(generated, phantom, tmp_path)
     )  # json keeps 4 decimals
 
 
+def test_unsupported_output_format_is_refused(tmp_path):
+    from spine_d2.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="unsupported output jpeg 16-bit"):
+        D.generate_dataset(tmp_path / "x", replace(PARAMS, image_format="jpeg"), progress=False)
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
 def test_real_ct_small_render(tmp_path):
     """The shipped CT end to end: prepared volume, one coarse lateral view, labels on bone."""
     params = replace(PARAMS, z_spacing_mm=2.5, base_pixel_mm=4.0, base_width_mm=300.0)

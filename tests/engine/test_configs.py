@@ -40,3 +40,13 @@ def test_overrides_and_user_datasets_from_command_line(synthetic_coco):
     assert cfg.SOLVER.MAX_ITER == 7
     assert len(DatasetCatalog.get("spine_cli_ds")) == 6
     DatasetCatalog.remove("spine_cli_ds")
+
+
+def test_bad_user_dataset_entry_and_channel_mismatch_are_clear_errors():
+    from spine_d2.errors import DatasetError, SpineError
+
+    config = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
+    with pytest.raises(DatasetError, match=r"SPINE.COCO_DATASETS: entry \['only_a_name'\]"):
+        build_config(config, ["SPINE.COCO_DATASETS", "[['only_a_name']]"])
+    with pytest.raises(SpineError, match="PIXEL_MEAN has 3 values but INPUT.XRAY.CHANNELS is 1"):
+        build_config(config, ["INPUT.XRAY.CHANNELS", "1"])

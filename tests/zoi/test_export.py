@@ -9,36 +9,15 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
+from spine_d2.data.dicom import write_dicom
 from spine_d2.data.io import read_scan
 from spine_d2.zoi import ZOIExporter, check_manifest_line, discover_scans, shard
 from spine_d2.zoi.cli import main as cli_main
 
 try:
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 except ImportError:
     pydicom = None
-
-
-def _dicom(path, arr, bits_stored):
-    """A minimal 12-bit DX file, MONOCHROME2."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = (
-        SecondaryCaptureImageStorage,
-        meta.MediaStorageSOPInstanceUID,
-    )
-    ds.Modality, ds.Rows, ds.Columns = "DX", arr.shape[0], arr.shape[1]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = arr.tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def _lines(path):
@@ -65,7 +44,7 @@ def test_zoi_pixels_are_the_source_pixels_8_16_bit_and_dicom(
 ):
     if pydicom is not None:  # a 12-bit DICOM beside the PNGs
         arr = (read_scan(scan_folder / "a" / "train_000.png").pixels >> 4).astype(np.uint16)
-        _dicom(str(scan_folder / "c.dcm"), arr, bits_stored=12)
+        write_dicom(scan_folder / "c.dcm", arr, bits_stored=12)
     out = tmp_path / "out"
     items, roots = discover_scans([str(scan_folder)])
     summary = ZOIExporter(export_cfg(), random_model).export(
