@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -42,7 +42,6 @@ class Registration:
     reason: str = ""  # why it is not reliable ("" when it is)
     iterations: int = 0
     ms: float = 0.0
-    init_matrix: np.ndarray = field(default=None, repr=False)
 
     @property
     def params(self) -> dict:
@@ -362,7 +361,6 @@ def register_vertebra(
         reason=reason,
         iterations=iters,
         ms=(time.perf_counter() - t0) * 1000,
-        init_matrix=m0,
     )
 
 
