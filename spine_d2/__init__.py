@@ -22,6 +22,7 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
     ) from e
 
 from . import data  # noqa: F401  (registers the built-in datasets)
+from . import modeling  # noqa: F401  (registers LevelROIHeads)
 from .config import VERTEBRA_LEVELS, add_spine_config
 from .errors import DatasetError, ScanReadError, SpineError
 

@@ -73,6 +73,19 @@ def add_spine_config(cfg):
     # Ordered level names, top to bottom.
     _C.SPINE.LEVELS = list(VERTEBRA_LEVELS)
 
+    # Level branch of ROI_HEADS.NAME "LevelROIHeads": one level class per SPINE.LEVELS entry.
+    _C.SPINE.LEVEL_HEAD = CN()
+    _C.SPINE.LEVEL_HEAD.LOSS_WEIGHT = 0.5  # weight of its cross-entropy in the total loss
+    _C.SPINE.LEVEL_HEAD.SCORE_THRESH = 0.5  # detections this confident are decoded jointly
+    _C.SPINE.LEVEL_HEAD.SKIP_COST = 2.0  # nats per level skipped between neighbours (a miss)
+    _C.SPINE.LEVEL_HEAD.REPEAT_COST = 4.0  # nats for one level on two neighbours (a duplicate)
+
+    # Training: "SGD" (detectron2's build_optimizer) or "ADAMW" (SOLVER.BASE_LR,
+    # SOLVER.WEIGHT_DECAY, no decay on norms and biases). SOLVER.AMP.ENABLED on the CPU
+    # trains under bfloat16 autocast (no loss scaling needed); on CUDA detectron2's AMPTrainer.
+    _C.SPINE.OPTIMIZER = "SGD"
+    _C.SPINE.ADAMW_BETAS = (0.9, 0.999)
+
     _C.SPINE.EVAL = CN()
     _C.SPINE.EVAL.IOU_THRESH = 0.5  # mask IoU for a prediction to count as finding a vertebra
     _C.SPINE.EVAL.SCORE_THRESH = (

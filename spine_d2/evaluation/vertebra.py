@@ -67,8 +67,9 @@ class VertebraEvaluator(DatasetEvaluator):
     - ``recall/<class>`` per class when the dataset has more than one class.
     - ``level_accuracy``: among matched pairs whose GT has a level and whose prediction carries
       one, the fraction with the same level. Predicted levels come from an optional
-      ``output["pred_levels"]`` (list of str, one per instance, before score filtering); the key
-      is absent when no prediction carries a level.
+      ``output["pred_levels"]`` (list of str, one per instance, before score filtering) or from
+      ``instances.pred_levels`` (indices into ``model_levels``, what LevelROIHeads predicts); the
+      key is absent when no prediction carries a level.
 
     Every image of the dataset is scored: an image the model gave nothing for has all its
     vertebrae missed. Crowd GT (``iscrowd=1``) is not counted; a prediction that is unmatched
@@ -83,6 +84,7 @@ class VertebraEvaluator(DatasetEvaluator):
         iou_thresh=0.5,
         score_thresh=0.5,
         levels=None,
+        model_levels=None,
         distributed=True,
         output_dir=None,
     ):
@@ -93,6 +95,8 @@ class VertebraEvaluator(DatasetEvaluator):
             score_thresh: predictions scoring below this are dropped before matching.
             levels: level names top to bottom, to order ``recall/<level>``; default: the
                 dataset's ``vertebra_levels`` metadata, then C1..S1.
+            model_levels: the level names that ``instances.pred_levels`` indexes (SPINE.LEVELS);
+                default C1..S1.
             distributed: gather predictions from all ranks and evaluate on the main one.
             output_dir: if given, ``vertebra_results.json`` is written there.
         """
@@ -105,6 +109,7 @@ class VertebraEvaluator(DatasetEvaluator):
         if levels is None:
             levels = list(getattr(self._metadata, "vertebra_levels", [])) or VERTEBRA_LEVELS
         self._levels = list(levels)
+        self._model_levels = list(model_levels or VERTEBRA_LEVELS)
         self._gt = None  # image_id -> ground truth, decoded once on first evaluate()
         self._predictions = []
 
@@ -116,6 +121,7 @@ class VertebraEvaluator(DatasetEvaluator):
             iou_thresh=cfg.SPINE.EVAL.IOU_THRESH,
             score_thresh=cfg.SPINE.EVAL.SCORE_THRESH,
             levels=cfg.SPINE.LEVELS,
+            model_levels=cfg.SPINE.LEVELS,
             output_dir=output_dir,
         )
 
@@ -129,6 +135,8 @@ class VertebraEvaluator(DatasetEvaluator):
                 continue
             instances = out["instances"].to(torch.device("cpu"))
             pred_levels = out.get("pred_levels")
+            if pred_levels is None and instances.has("pred_levels"):  # LevelROIHeads
+                pred_levels = [self._model_levels[i] for i in instances.pred_levels.tolist()]
             if pred_levels is not None and len(pred_levels) != len(instances):
                 raise ValueError(
                     f"image {inp['image_id']}: {len(pred_levels)} pred_levels for "

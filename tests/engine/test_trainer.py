@@ -43,3 +43,34 @@ def test_train_resume_and_eval_only(synthetic_train, train_args, tmp_path):
     assert res["vertebra"]["num_gt"] == sum(
         len(d["annotations"]) for d in DatasetCatalog.get(synthetic_train)
     )
+
+
+def test_adamw_and_cpu_bf16_autocast_training(synthetic_train, train_args, tmp_path):
+    import torch
+
+    from spine_d2.engine.setup import setup
+    from spine_d2.engine.trainer import CPUAutocastTrainer, SpineTrainer
+
+    opts = ("SPINE.OPTIMIZER", "ADAMW", "SOLVER.BASE_LR", "0.0002", "SOLVER.AMP.ENABLED", "True")
+    cfg = setup(train_args(tmp_path / "amp", *opts, "SOLVER.MAX_ITER", "4"))
+    trainer = SpineTrainer(cfg)
+    assert isinstance(trainer._trainer, CPUAutocastTrainer)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    after = trainer.model.state_dict()
+    assert all(v.dtype != torch.bfloat16 for v in after.values())  # weights stay fp32
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    rows = _metrics(tmp_path / "amp")
+    assert all(math.isfinite(r["total_loss"]) for r in rows if "total_loss" in r)
+
+
+def test_unknown_optimizer_is_refused(synthetic_train, train_args, tmp_path):
+    import pytest
+
+    from spine_d2.engine.setup import setup
+    from spine_d2.engine.trainer import SpineTrainer
+
+    cfg = setup(train_args(tmp_path / "bad", "SPINE.OPTIMIZER", "LION"))
+    with pytest.raises(ValueError, match="SPINE.OPTIMIZER must be SGD or ADAMW"):
+        SpineTrainer(cfg)

@@ -216,3 +216,14 @@ def test_prediction_on_crowd_region_is_not_a_false_positive():
     with registered(records) as name:
         m = run(VertebraEvaluator(name), [0], [out])["vertebra"]
     assert m["num_gt"] == 1.0 and m["num_pred"] == 1.0 and m["precision"] == 1.0
+
+
+def test_level_accuracy_from_instances_pred_levels_indices():
+    """LevelROIHeads puts level indices (into SPINE.LEVELS) on the instances themselves."""
+    masks = [rect_mask(*r) for r in RECTS]
+    out = prediction(masks)
+    out["instances"].pred_levels = torch.tensor([0, 1, 3, 3])  # into model_levels below
+    with registered(two_images()) as name:
+        ev = VertebraEvaluator(name, levels=LEVELS, model_levels=LEVELS)
+        m = run(ev, [0, 1], [out, prediction(masks)])["vertebra"]
+    assert m["level_accuracy"] == 3 / 4  # L1 labelled L2

@@ -1,0 +1,6 @@
+"""Model parts registered with detectron2 when spine_d2 is imported (ROI_HEADS.NAME etc.)."""
+
+from .levels import decode_levels
+from .roi_heads import LevelROIHeads
+
+__all__ = ["LevelROIHeads", "decode_levels"]

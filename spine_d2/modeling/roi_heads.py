@@ -1,0 +1,112 @@
+"""LevelROIHeads: detectron2's StandardROIHeads plus a vertebral-level classifier.
+
+The level branch is one linear layer on the box head's features (the same features that score
+and regress each box, so it costs almost nothing). It is trained on foreground proposals whose
+ground truth carries a level (``gt_level_ids`` from XrayDatasetMapper; -1 = unknown, ignored)
+and at inference it labels each detection; ``decode_levels`` then makes the confident ones
+agree along the spine. Detections gain ``pred_levels`` (indices into SPINE.LEVELS) and
+``level_scores`` (the probability of that level before decoding).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.structures import Instances
+from torch import nn
+
+from .levels import decode_levels
+
+__all__ = ["LevelROIHeads"]
+
+
+@ROI_HEADS_REGISTRY.register()
+class LevelROIHeads(StandardROIHeads):
+    @configurable
+    def __init__(
+        self,
+        *,
+        num_levels: int,
+        level_loss_weight: float = 1.0,
+        level_score_thresh: float = 0.5,
+        skip_cost: float = 2.0,
+        repeat_cost: float = 4.0,
+        **kwargs,
+    ):
+        """
+        Args:
+            num_levels: number of level classes (len(SPINE.LEVELS)).
+            level_loss_weight: weight of the level cross-entropy in the total loss.
+            level_score_thresh: detections at or above this score take part in the decoding
+                along the spine; the others keep their own most likely level.
+            skip_cost, repeat_cost: see :func:`decode_levels`.
+            kwargs: StandardROIHeads' arguments.
+        """
+        super().__init__(**kwargs)
+        if self.train_on_pred_boxes:
+            raise ValueError("LevelROIHeads does not support MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES")
+        self.level_predictor = nn.Linear(self.box_head.output_shape.channels, num_levels)
+        nn.init.normal_(self.level_predictor.weight, std=0.01)
+        nn.init.constant_(self.level_predictor.bias, 0.0)
+        self.level_loss_weight = level_loss_weight
+        self.level_score_thresh = level_score_thresh
+        self.skip_cost = skip_cost
+        self.repeat_cost = repeat_cost
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        head = cfg.SPINE.LEVEL_HEAD
+        ret.update(
+            num_levels=len(cfg.SPINE.LEVELS),
+            level_loss_weight=head.LOSS_WEIGHT,
+            level_score_thresh=head.SCORE_THRESH,
+            skip_cost=head.SKIP_COST,
+            repeat_cost=head.REPEAT_COST,
+        )
+        return ret
+
+    def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
+        features = [features[f] for f in self.box_in_features]
+        box_features = self.box_pooler(features, [x.proposal_boxes for x in proposals])
+        box_features = self.box_head(box_features)
+        predictions = self.box_predictor(box_features)
+        level_logits = self.level_predictor(box_features).float()
+        del box_features
+        if self.training:
+            losses = self.box_predictor.losses(predictions, proposals)
+            losses["loss_level"] = self.level_loss_weight * self._level_loss(level_logits, proposals)
+            return losses
+        pred_instances, kept = self.box_predictor.inference(predictions, proposals)
+        per_image = level_logits.split([len(p) for p in proposals])
+        for inst, idx, logits in zip(pred_instances, kept, per_image):
+            self._label_levels(inst, logits[idx])
+        return pred_instances
+
+    def _level_loss(self, logits: torch.Tensor, proposals: List[Instances]) -> torch.Tensor:
+        """Cross-entropy over foreground proposals whose matched vertebra has a known level."""
+        if not proposals or not proposals[0].has("gt_level_ids"):
+            return logits.sum() * 0.0
+        gt_classes = torch.cat([p.gt_classes for p in proposals])
+        gt_levels = torch.cat([p.gt_level_ids for p in proposals])
+        valid = (gt_classes >= 0) & (gt_classes < self.num_classes) & (gt_levels >= 0)
+        if not valid.any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits[valid], gt_levels[valid])
+
+    def _label_levels(self, inst: Instances, logits: torch.Tensor) -> None:
+        log_probs = F.log_softmax(logits, dim=1)
+        levels = log_probs.argmax(dim=1)
+        confident = (inst.scores >= self.level_score_thresh).nonzero().flatten()
+        if len(confident) >= 2:
+            centers = inst.pred_boxes[confident].get_centers().cpu().numpy()
+            decoded = decode_levels(
+                centers, log_probs[confident].cpu().numpy(), self.skip_cost, self.repeat_cost
+            )
+            levels[confident] = torch.as_tensor(decoded, device=levels.device)
+        inst.pred_levels = levels
+        inst.level_scores = log_probs.gather(1, levels[:, None])[:, 0].exp()
