@@ -21,7 +21,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
     ap.add_argument("--taxonomy", choices=["vertebra", "parts"], default="vertebra")
-    ap.add_argument("--out", help="output folder (default $DETECTRON2_DATASETS/spine_drr[_parts])")
+    ap.add_argument(
+        "--out", help="output folder (default $DETECTRON2_DATASETS/spine_drr[_parts][_small])"
+    )
     ap.add_argument("--cache", help="base-render cache folder (default <out>/cache)")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--num-train", type=int)
@@ -40,7 +42,7 @@ def main(argv=None):
     names = {f.name for f in fields(params)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     params = replace(params, **overrides)
-    out = args.out or default_output_dir(args.taxonomy)
+    out = args.out or default_output_dir(args.taxonomy, args.preset)
     try:
         meta = generate_dataset(out, params, progress=not args.no_progress, cache_dir=args.cache)
         log = logging.getLogger("spine_d2")

@@ -87,6 +87,7 @@ def add_spine_config(cfg):
     _C.SPINE.ADAMW_BETAS = (0.9, 0.999)
 
     _C.SPINE.EVAL = CN()
+    _C.SPINE.EVAL.AMP = ""  # "" (fp32), "fp16" or "bf16" autocast in evaluation; check AP first
     _C.SPINE.EVAL.IOU_THRESH = 0.5  # mask IoU for a prediction to count as finding a vertebra
     _C.SPINE.EVAL.SCORE_THRESH = (
         0.5  # predictions below this score are ignored by VertebraEvaluator

@@ -21,3 +21,12 @@ class DatasetError(SpineError):
         self.source = str(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
+
+
+class CheckpointError(SpineError):
+    """A model weights file that is missing, corrupt, or not the file its manifest describes."""
+
+    def __init__(self, path, reason):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")

@@ -36,6 +36,7 @@ _EDGE_TOLERANCE = 1.0
 
 _DRR_HOW = "make data"
 _PARTS_HOW = "make data-parts"
+_SMALL_HOW = "make data-small"
 # name -> (json relative to the dataset root, image root relative to it, how to make it)
 BUILTIN_SPLITS = {
     "spine_drr_train": ("spine_drr/train.json", "spine_drr/images", _DRR_HOW),
@@ -44,6 +45,10 @@ BUILTIN_SPLITS = {
     "spine_drr_parts_train": ("spine_drr_parts/train.json", "spine_drr_parts/images", _PARTS_HOW),
     "spine_drr_parts_val": ("spine_drr_parts/val.json", "spine_drr_parts/images", _PARTS_HOW),
     "spine_drr_parts_test": ("spine_drr_parts/test.json", "spine_drr_parts/images", _PARTS_HOW),
+    # --preset small (make demo): its own folder, so the default dataset is never replaced
+    "spine_drr_small_train": ("spine_drr_small/train.json", "spine_drr_small/images", _SMALL_HOW),
+    "spine_drr_small_val": ("spine_drr_small/val.json", "spine_drr_small/images", _SMALL_HOW),
+    "spine_drr_small_test": ("spine_drr_small/test.json", "spine_drr_small/images", _SMALL_HOW),
 }
 
 

@@ -838,9 +838,12 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def default_output_dir(taxonomy="vertebra") -> Path:
+def default_output_dir(taxonomy="vertebra", preset="default") -> Path:
+    """$DETECTRON2_DATASETS/spine_drr[_parts][_small]: one folder per preset and taxonomy, so
+    generating one never replaces another (the builtin dataset names follow these folders)."""
     root = Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
-    return root / ("spine_drr" if taxonomy == "vertebra" else "spine_drr_parts")
+    name = "spine_drr" if taxonomy == "vertebra" else "spine_drr_parts"
+    return root / (name if preset == "default" else f"{name}_{preset}")
 
 
 def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, ct=None) -> dict:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from detectron2.checkpoint import DetectionCheckpointer
-
+from ..checkpoint import SpineCheckpointer
 from ..zoi.export import export_datasets
 from .hooks import ZOIExportHook
 from .setup import setup
@@ -18,7 +17,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = SpineTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SpineCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = SpineTrainer.test(cfg, model)

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+import weakref
 
 import torch
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
@@ -15,8 +16,10 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
+from ..checkpoint import SpineCheckpointer
 from ..data.mapper import XrayDatasetMapper
 from ..evaluation.vertebra import VertebraEvaluator
+from ..modeling.precision import inference_autocast
 from ..zoi.export import export_datasets
 from .hooks import ZOIExportHook
 
@@ -83,6 +86,10 @@ class SpineTrainer(DefaultTrainer):
             cfg.SOLVER.AMP.ENABLED = False
             cfg.freeze()
         super().__init__(cfg)
+        # Same checkpointer, but weights are verified against their manifest before loading.
+        self.checkpointer = SpineCheckpointer(
+            self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         if cpu_amp:
             t = self._trainer
             self._trainer = CPUAutocastTrainer(t.model, t.data_loader, t.optimizer)
@@ -133,7 +140,10 @@ class SpineTrainer(DefaultTrainer):
         """Evaluate on DATASETS.TEST and save ``OUTPUT_DIR/inference/eval_results.json``:
         {"bbox": {...}, "segm": {...}, "vertebra": {...}} for one test set, keyed by dataset
         name for several."""
-        results = super().test(cfg, model, evaluators)
+        with inference_autocast(
+            cfg.MODEL.DEVICE.split(":")[0], cfg.SPINE.EVAL.AMP, "SPINE.EVAL.AMP"
+        ):
+            results = super().test(cfg, model, evaluators)
         if comm.is_main_process():
             path = os.path.join(cfg.OUTPUT_DIR, "inference", "eval_results.json")
             write_eval_results(results, path)

@@ -48,7 +48,9 @@ class LevelROIHeads(StandardROIHeads):
         """
         super().__init__(**kwargs)
         if self.train_on_pred_boxes:
-            raise ValueError("LevelROIHeads does not support MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES")
+            raise ValueError(
+                "LevelROIHeads does not support MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES"
+            )
         self.level_predictor = nn.Linear(self.box_head.output_shape.channels, num_levels)
         nn.init.normal_(self.level_predictor.weight, std=0.01)
         nn.init.constant_(self.level_predictor.bias, 0.0)
@@ -79,7 +81,9 @@ class LevelROIHeads(StandardROIHeads):
         del box_features
         if self.training:
             losses = self.box_predictor.losses(predictions, proposals)
-            losses["loss_level"] = self.level_loss_weight * self._level_loss(level_logits, proposals)
+            losses["loss_level"] = self.level_loss_weight * self._level_loss(
+                level_logits, proposals
+            )
             return losses
         pred_instances, kept = self.box_predictor.inference(predictions, proposals)
         per_image = level_logits.split([len(p) for p in proposals])

@@ -13,7 +13,6 @@ Why it looks like this:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,15 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..checkpoint import SpineCheckpointer
 from ..data.augment import build_xray_augmentations
 from ..data.io import file_sha256, read_scan
 from ..errors import SpineError
+from ..modeling.precision import inference_autocast
 from .extract import extract_zois, scale_to_original
 from .manifest import SCHEMA_VERSION, append_line, compact_manifest, load_manifest, open_for_append
 from .sources import ScanItem, check_output_dir, items_from_dataset, shard
@@ -162,7 +162,7 @@ class ZOIExporter:
             model = build_model(cfg)
             if cfg.MODEL.WEIGHTS:
                 try:
-                    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+                    SpineCheckpointer(model).load(cfg.MODEL.WEIGHTS)
                 except (AssertionError, OSError) as e:  # fvcore asserts the file exists
                     raise SpineError(f"{cfg.MODEL.WEIGHTS}: cannot load weights ({e})") from e
             else:
@@ -178,13 +178,7 @@ class ZOIExporter:
 
     # ------------------------------------------------------------------ model
     def _autocast(self):
-        amp = self.cfg.ZOI.AMP
-        if not amp:
-            return contextlib.nullcontext()
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
-        if dtype is None:
-            raise SpineError(f"ZOI.AMP {amp!r}: expected '', 'fp16' or 'bf16'")
-        return torch.autocast(self.device.type, dtype=dtype)
+        return inference_autocast(self.device.type, self.cfg.ZOI.AMP, "ZOI.AMP")
 
     def _predict(self, ready):
         inputs = [

@@ -1,0 +1,50 @@
+"""SpineCheckpointer: weights are checked against their manifest before being unpickled."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from spine_d2.checkpoint import SpineCheckpointer, verify_weights
+from spine_d2.errors import CheckpointError
+
+
+def _save(path, model):
+    torch.save({"model": {k: v.half() for k, v in model.state_dict().items()}}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.with_suffix(".json").write_text(json.dumps({"sha256": digest}))
+    return digest
+
+
+def test_matching_sha256_loads_fp16_weights_into_fp32_model(tmp_path):
+    torch.manual_seed(0)
+    src, dst = nn.Linear(4, 3), nn.Linear(4, 3)
+    path = tmp_path / "w.pth"
+    _save(path, src)
+    SpineCheckpointer(dst).load(str(path))
+    assert dst.weight.dtype == torch.float32
+    torch.testing.assert_close(dst.weight, src.weight.half().float())
+
+
+def test_corrupt_or_swapped_file_is_refused_before_unpickling(tmp_path):
+    path = tmp_path / "w.pth"
+    _save(path, nn.Linear(4, 3))
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"w\.pth: sha256 .* does not match .* in w\.json"):
+        SpineCheckpointer(nn.Linear(4, 3)).load(str(path))
+
+
+def test_bad_manifest_and_unreadable_file_give_one_line_errors(tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"not a pickle at all")
+    with pytest.raises(CheckpointError, match=r"w\.pth: not a readable checkpoint"):
+        SpineCheckpointer(nn.Linear(4, 3)).load(str(path))
+    path.with_suffix(".json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"w\.json: weights manifest has no 'sha256'"):
+        verify_weights(path)
+    with pytest.raises(CheckpointError, match=r"nope\.pth: no such weights file"):
+        verify_weights(tmp_path / "nope.pth")
