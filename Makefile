@@ -1,4 +1,4 @@
-# spine-d2: `make demo` (train + evaluate on the built-in data) and `make test` each work alone
+# spine-d2: `make demo` (the whole pipeline from the shipped checkpoint) and `make test` each work alone
 # on a fresh machine: both set up .venv first when it is missing or out of date.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -13,7 +13,7 @@ OUTPUT_DIR ?= $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(
 PYTEST_ARGS ?= -q -n 2 --durations=10
 export DETECTRON2_DATASETS ?= datasets
 
-.PHONY: install test demo data data-parts train eval export enhance bench lint clean-venv
+.PHONY: install test demo demo-clean data data-parts data-small train train-pretrained eval export enhance bench lint clean-venv
 
 $(VENV)/.installed: setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ data: $(VENV)/.installed  ## generate the built-in DRR dataset under $DETECTRON2
 
 data-parts: $(VENV)/.installed  ## the same scans labelled with the paper's four part classes
 	$(PY) datasets/prepare_spine_drr.py --taxonomy parts --preview $(DATA_ARGS)
+
+data-small: $(VENV)/.installed  ## the small preset (make demo) under $DETECTRON2_DATASETS/spine_drr_small
+	$(PY) datasets/prepare_spine_drr.py --preset small --preview $(DATA_ARGS)
 
 train: $(VENV)/.installed  ## train $(CONFIG) (resumes from its last checkpoint)
 	$(PY) tools/train_net.py --config-file $(CONFIG) --resume
@@ -56,13 +59,32 @@ enhance: $(VENV)/.installed  ## enhance every low-dose scan of ENHANCE_PAIRS wit
 	@test -f $(ENHANCE_MANIFEST) || { echo "No export manifest at $(ENHANCE_MANIFEST): run 'make export' first."; exit 1; }
 	$(PY) tools/enhance_scan.py --pairs $(ENHANCE_PAIRS) --out $(ENHANCE_OUTPUT) --low-manifest $(ENHANCE_MANIFEST) --high-manifest $(ENHANCE_MANIFEST)
 
-BENCH_ARGS ?=
-bench: $(VENV)/.installed  ## run every benchmarks/bench_*.py (each prints and saves one JSON line)
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b $(BENCH_ARGS) || exit 1; done
+# The shipped checkpoint: the CPU recipe to its full schedule on the default built-in data
+# (resumable: re-run after an interruption), evaluated as fp16, packaged into weights/.
+PRETRAIN_DIR ?= output/pretrained_r18
+WEIGHTS_OUT ?= weights/spine_mask_rcnn_R_18_FPN_drr.pth
+train-pretrained: $(VENV)/.installed  ## train, evaluate and package the shipped checkpoint (~1.5 h on 2 cores)
+	@test -f $(DETECTRON2_DATASETS)/spine_drr/train.json || { echo "The built-in dataset is missing: run 'make data' first."; exit 1; }
+	$(PY) tools/train_net.py --config-file configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml --resume OUTPUT_DIR $(PRETRAIN_DIR)
+	$(PY) tools/package_weights.py --train-dir $(PRETRAIN_DIR) --out $(WEIGHTS_OUT)
+	$(PY) tools/train_net.py --config-file configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml --eval-only MODEL.WEIGHTS $(WEIGHTS_OUT) SPINE.EVAL.AMP '""' OUTPUT_DIR $(PRETRAIN_DIR)_eval_fp16
+	$(PY) tools/package_weights.py --train-dir $(PRETRAIN_DIR) --out $(WEIGHTS_OUT) --eval $(PRETRAIN_DIR)_eval_fp16/inference/eval_results.json
 
-demo: $(VENV)/.installed  ## train + evaluate the CPU config on the built-in data
-	@test -f $(DETECTRON2_DATASETS)/spine_drr/train.json || { echo "The built-in dataset is missing under $(DETECTRON2_DATASETS)/spine_drr: run 'make data' first."; exit 1; }
-	$(MAKE) train eval
+BENCH_ARGS ?=
+BENCH_OUT ?= output/bench
+bench: $(VENV)/.installed  ## run every benchmarks/bench_*.py into $(BENCH_OUT)/*.json and a markdown table
+	@mkdir -p $(BENCH_OUT)
+	@for b in benchmarks/bench_*.py; do n=$$(basename $$b .py); echo "== $$b"; \
+	  $(PY) $$b --out $(BENCH_OUT)/$$n.json $(BENCH_ARGS) || exit 1; done
+	$(PY) benchmarks/summarize.py $(BENCH_OUT)
+
+DEMO_OUT ?= output/demo
+demo:  ## install if needed, then data, fine-tune, evaluate, export, enhance, report (output/demo)
+	@start=$$(date +%s); $(MAKE) --no-print-directory install && \
+	$(PY) tools/demo.py --out $(DEMO_OUT) --started-at $$start
+
+demo-clean:  ## remove the demo's outputs (the generated dataset is kept and reused)
+	rm -rf $(DEMO_OUT)
 
 lint: $(VENV)/.installed
 	$(PY) -m black --line-length 100 --check spine_d2 tools tests datasets benchmarks setup.py

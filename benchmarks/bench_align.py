@@ -130,6 +130,18 @@ def _summ(values) -> dict:
     return {"n": int(v.size), "median": float(np.median(v)), "p95": float(np.percentile(v, 95))}
 
 
+def export_test_images(root: str, config_file: str, weights: str, out: str) -> str:
+    """Export images/test with the model (the exporter the CLI uses); returns the manifest."""
+    from spine_d2.engine.setup import build_config
+    from spine_d2.zoi.export import ZOIExporter
+    from spine_d2.zoi.sources import discover_scans
+
+    cfg = build_config(config_file, ["MODEL.WEIGHTS", weights])
+    items, roots = discover_scans([os.path.join(root, "images", "test")])
+    ZOIExporter(cfg, config_file=config_file).export(items, out, roots=roots)
+    return os.path.join(out, "manifest.jsonl")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -142,6 +154,13 @@ def main(argv=None) -> dict:
         help="export of the test images, paths relative to images/test (what `make export` "
         "writes); without it only ground-truth masks are measured",
     )
+    ap.add_argument(
+        "--weights",
+        default="weights/spine_mask_rcnn_R_18_FPN_drr.pth",
+        help="without --manifest: export images/test with these weights first (the pipeline)",
+    )
+    ap.add_argument("--config-file", default="configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml")
+    ap.add_argument("--export-dir", default="output/bench/align_export")
     ap.add_argument("--tune", type=int, default=10, help="pairs used to tune NLM's h (excluded)")
     ap.add_argument("--max-pairs", type=int, default=0)
     ap.add_argument(
@@ -150,8 +169,8 @@ def main(argv=None) -> dict:
         default=40,
         help="pairs on which GT-mask registration is also run with intensity refinement",
     )
-    ap.add_argument("--out", default="benchmarks/results/bench_align.json")
-    ap.add_argument("--png", default="benchmarks/results/bench_align_side_by_side.png")
+    ap.add_argument("--out", default="output/bench/bench_align.json")
+    ap.add_argument("--png", default="output/bench/bench_align_side_by_side.png")
     args = ap.parse_args(argv)
 
     root = args.root
@@ -160,6 +179,8 @@ def main(argv=None) -> dict:
     anns = defaultdict(list)
     for a in coco["annotations"]:
         anns[a["image_id"]].append(a)
+    if not os.path.isfile(args.manifest) and args.weights and os.path.isfile(args.weights):
+        args.manifest = export_test_images(root, args.config_file, args.weights, args.export_dir)
     manifest = load_manifest(args.manifest) if os.path.isfile(args.manifest) else {}
     img = lambda rel: os.path.join(root, "images", rel)  # noqa: E731
 
@@ -233,11 +254,15 @@ def main(argv=None) -> dict:
             for key, val in quality(unit(pix), ref, sel).items():
                 acc[f"{key}_{name}"].append(val)
         # Whole pipeline: predicted masks from the export manifest.
-        rel_h = os.path.relpath(p["high_dose"], "test")
-        rel_l = os.path.relpath(p["low_dose"], "test")
-        if rel_h in manifest and rel_l in manifest:
-            pa = vertebrae_from_manifest(manifest[rel_h])
-            pb = vertebrae_from_manifest(manifest[rel_l])
+        # Paths relative to images/test (an export of that folder) or to images/ (the hook's
+        # export of the test split).
+        line_h = manifest.get(p["high_dose"]) or manifest.get(
+            os.path.relpath(p["high_dose"], "test")
+        )
+        line_l = manifest.get(p["low_dose"]) or manifest.get(os.path.relpath(p["low_dose"], "test"))
+        if line_h and line_l:
+            pa = vertebrae_from_manifest(line_h)
+            pb = vertebrae_from_manifest(line_l)
             acc["pred_vertebrae_low"].append(len(pb)), acc["gt_vertebrae_low"].append(len(vb))
             try:
                 rp = enhance_pair(high, low, pa, pb)

@@ -35,6 +35,7 @@ import pycocotools.mask as mask_util
 import torch
 
 DEFAULT_CONFIG = "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml"
+SHIPPED_WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
 
 
 def _parse_size(text: str):
@@ -172,7 +173,11 @@ def bench_size(cfg, model, tv_model, n, width, height, repeats, workdir: Path) -
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config-file", default=DEFAULT_CONFIG)
-    ap.add_argument("--weights", default="", help="trained weights; default: random init")
+    ap.add_argument(
+        "--weights",
+        default=SHIPPED_WEIGHTS if os.path.isfile(SHIPPED_WEIGHTS) else "",
+        help="trained weights (default: the shipped checkpoint; '' = random init)",
+    )
     ap.add_argument("--scans", type=int, default=48)
     ap.add_argument("--sizes", default="512,900x2400", help="comma-separated S or WxH")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds; best is kept")
@@ -180,17 +185,17 @@ def main(argv=None):
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
     args = ap.parse_args(argv)
 
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
+    from spine_d2.checkpoint import SpineCheckpointer
     from spine_d2.engine.setup import build_config
 
     cfg = build_config(args.config_file, ["MODEL.WEIGHTS", args.weights, *args.opts])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     if args.weights:
-        DetectionCheckpointer(model).load(args.weights)
+        SpineCheckpointer(model).load(args.weights)
     tv_model = maskrcnn_resnet50_fpn(
         weights=None,
         weights_backbone=None,

@@ -17,7 +17,13 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from .errors import CheckpointError
 
-__all__ = ["SpineCheckpointer", "weights_manifest", "verify_weights"]
+__all__ = [
+    "SpineCheckpointer",
+    "package_weights",
+    "training_curve",
+    "verify_weights",
+    "weights_manifest",
+]
 
 
 def _sha256(path: Path) -> str:
@@ -72,3 +78,56 @@ class SpineCheckpointer(DetectionCheckpointer):
         except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(filename, f"not a readable checkpoint ({reason})") from None
+
+
+def training_curve(metrics_rows: list) -> list:
+    """The periodic evaluations logged in a detectron2 metrics.json: iteration (counted from
+    1), segm AP / AP50 and the vertebra metrics."""
+    curve = []
+    for r in metrics_rows:
+        if "segm/AP50" in r:
+            curve.append(
+                {
+                    "iteration": r["iteration"] + 1,
+                    "segm_AP50": r["segm/AP50"],
+                    "segm_AP": r.get("segm/AP"),
+                    "recall": r.get("vertebra/recall"),
+                    "precision": r.get("vertebra/precision"),
+                    "level_accuracy": r.get("vertebra/level_accuracy"),
+                }
+            )
+    return curve
+
+
+def package_weights(checkpoint, out_path, manifest_fields: dict) -> dict:
+    """Write the model of a training checkpoint as fp16 weights plus the manifest beside it.
+
+    Only the model's floating-point tensors are halved (loading casts them back to the model's
+    dtype); optimizer and scheduler state are dropped. Both files are written to temporary
+    names and renamed, the weights first, so a manifest never describes a half-written file.
+    """
+    import os
+
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = state.get("model", state)
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in model.items()}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    torch.save({"model": half, "__author__": "spine-d2"}, tmp)
+    os.replace(tmp, out_path)
+    manifest = {
+        "file": out_path.name,
+        "sha256": _sha256(out_path),
+        "size_bytes": out_path.stat().st_size,
+        "dtype": "float16",
+        "parameters": int(sum(v.numel() for v in half.values())),
+        **manifest_fields,
+    }
+    side = out_path.with_suffix(".json")
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, side)
+    return manifest

@@ -48,3 +48,38 @@ def test_bad_manifest_and_unreadable_file_give_one_line_errors(tmp_path):
         verify_weights(path)
     with pytest.raises(CheckpointError, match=r"nope\.pth: no such weights file"):
         verify_weights(tmp_path / "nope.pth")
+
+
+def test_package_weights_halves_the_model_drops_the_rest_and_records_its_hash(tmp_path):
+    from spine_d2.checkpoint import package_weights, training_curve
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    ckpt = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict(), "optimizer": {"state": {}}, "iteration": 9}, ckpt)
+    out = tmp_path / "weights" / "spine.pth"
+    manifest = package_weights(ckpt, out, {"iterations": 10})
+    saved = torch.load(out, weights_only=True)
+    assert set(saved) == {"model", "__author__"}
+    assert saved["model"]["0.weight"].dtype == torch.float16
+    assert saved["model"]["1.num_batches_tracked"].dtype == torch.int64  # not halved
+    assert manifest["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert json.loads(out.with_suffix(".json").read_text())["iterations"] == 10
+    fresh = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    SpineCheckpointer(fresh).load(str(out))
+    torch.testing.assert_close(fresh[0].weight, model[0].weight, atol=1e-3, rtol=1e-3)
+
+    rows = [
+        {"iteration": 19, "total_loss": 2.0},
+        {"iteration": 999, "segm/AP50": 41.0, "segm/AP": 12.0, "vertebra/recall": 0.5},
+    ]
+    assert training_curve(rows) == [
+        {
+            "iteration": 1000,
+            "segm_AP50": 41.0,
+            "segm_AP": 12.0,
+            "recall": 0.5,
+            "precision": None,
+            "level_accuracy": None,
+        }
+    ]

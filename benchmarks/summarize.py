@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Collect output/bench/*.json (one JSON line each) into output/bench/README.md: one table of
+the headline figures, each with the command that made it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# bench name -> (command, [(key, label)])
+HEADLINES = {
+    "bench_train": (
+        "python benchmarks/bench_train.py",
+        [("fp32.s_per_step_detectron2", "train step fp32, ours (s)"),
+         ("fp32.s_per_step_torchvision", "train step fp32, torchvision (s)"),
+         ("fp32.ratio_detectron2_over_torchvision", "ratio ours / torchvision, fp32"),
+         ("bf16.s_per_step_detectron2", "train step bf16, ours (s)"),
+         ("bf16.ratio_detectron2_over_torchvision", "ratio ours / torchvision, bf16"),
+         ("autocast_speedup_detectron2", "bf16 autocast speed-up")],
+    ),
+    "bench_export": (
+        "python benchmarks/bench_export.py",
+        [("runs.512x512.scans_per_s.a_exporter", "export scans/s (512 px)"),
+         ("runs.512x512.scans_per_s.b_default_predictor_loop", "DefaultPredictor loop scans/s (512 px)"),
+         ("runs.512x512.speedup_vs_default_predictor", "speed-up vs DefaultPredictor loop (512 px)"),
+         ("runs.512x512.efficiency_vs_model_forward", "exporter / bare forward (512 px)"),
+         ("runs.900x2400.speedup_vs_default_predictor", "speed-up vs DefaultPredictor loop (900x2400)"),
+         ("runs.900x2400.efficiency_vs_model_forward", "exporter / bare forward (900x2400)"),
+         ("peak_rss_mb", "peak RSS (MB)")],
+    ),
+    "bench_align": (
+        "python benchmarks/bench_align.py",
+        [("tre_px_median_gt_masks", "TRE median, GT masks (px)"),
+         ("tre_px_median_pred_masks", "TRE median, predicted masks (px)"),
+         ("psnr_gain_db", "PSNR gain in masks vs low dose (dB)"),
+         ("psnr_gain_vs_denoiser_db", "PSNR gain vs NLM (dB)"),
+         ("ms_per_vertebra", "registration ms per vertebra")],
+    ),
+    "bench_drr": (
+        "python benchmarks/bench_drr.py",
+        [("base_view_render_s", "DRR base view render (s)"),
+         ("scans_per_s", "DRR scans/s")],
+    ),
+}  # fmt: skip
+
+
+def _get(d, dotted):
+    for part in dotted.split("."):
+        if isinstance(d, list):
+            d = d[int(part)] if part.isdigit() and int(part) < len(d) else None
+        elif isinstance(d, dict):
+            d = d.get(part)
+        if d is None:
+            return None
+    return d
+
+
+def main(folder="output/bench") -> int:
+    folder = Path(folder)
+    rows = ["| benchmark | figure | value | command |", "|---|---|---|---|"]
+    for name, (cmd, keys) in HEADLINES.items():
+        f = folder / f"{name}.json"
+        if not f.is_file():
+            rows.append(f"| {name} | (not run) | | `{cmd}` |")
+            continue
+        data = json.loads(f.read_text().strip().splitlines()[-1])
+        for key, label in keys:
+            v = _get(data, key)
+            v = f"{v:.3f}" if isinstance(v, float) else ("n/a" if v is None else v)
+            rows.append(f"| {name} | {label} | {v} | `{cmd}` |")
+    text = "# make bench\n\n" + "\n".join(rows) + "\n"
+    (folder / "README.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
