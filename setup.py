@@ -31,6 +31,7 @@ setup(
         "pyyaml>=6,<7",
         "tqdm>=4.60,<5",
         "tensorboard>=2.10,<3",
+        "matplotlib>=3.5",  # report figures (detectron2 needs it too)
     ],
     extras_require={
         "dicom": ["pydicom>=3.0,<4"],
