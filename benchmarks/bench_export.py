@@ -181,7 +181,7 @@ def main(argv=None):
     ap.add_argument("--scans", type=int, default=48)
     ap.add_argument("--sizes", default="512,900x2400", help="comma-separated S or WxH")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds; best is kept")
-    ap.add_argument("--out", default="benchmarks/results/bench_export.json")
+    ap.add_argument("--out", default="output/bench/bench_export.json")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
     args = ap.parse_args(argv)
 
