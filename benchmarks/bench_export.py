@@ -5,7 +5,8 @@ Variants, interleaved in one process on the same model, config, weights and scan
   (a) ``ZOIExporter`` end to end (decode in workers, batched forward, local paste, PNG writes);
   (b) naive: a loop of ``DefaultPredictor`` calls (full-size masks) + per-instance OpenCV crops,
       PNG writes and a full-mask RLE per instance;
-  (c) the model's bare forward pass on pre-decoded, pre-resized tensors (the floor for (a));
+  (c) the model's bare forward pass on pre-decoded, pre-resized tensors at the exporter's
+      precision (ZOI.AMP; the floor for (a)); (b) stays fp32, as a user's loop would be;
   (d) torchvision ``maskrcnn_resnet50_fpn``, random init, same input size and detection cap.
 
 Without ``--weights`` the model is randomly initialised (speed does not depend on the weights,
@@ -119,9 +120,12 @@ def predecode(cfg, paths):
     return tensors
 
 
-def run_forward(model, tensors, batch_size):
+def run_forward(model, tensors, batch_size, amp="", device="cpu"):
+    """The floor for (a): the same batches at the exporter's precision (ZOI.AMP)."""
+    from spine_d2.modeling import inference_autocast
+
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), inference_autocast(device, amp):
         for i in range(0, len(tensors), batch_size):
             batch = [{"image": t} for t in tensors[i : i + batch_size]]
             model.inference(batch, do_postprocess=False)
@@ -147,7 +151,9 @@ def bench_size(cfg, model, tv_model, n, width, height, repeats, workdir: Path) -
         times["a"].append(dt)
         summaries.append(summary)
         times["b"].append(run_naive(cfg, model, paths, folder / f"out_b{r}"))
-        times["c"].append(run_forward(model, tensors, cfg.ZOI.BATCH_SIZE))
+        times["c"].append(
+            run_forward(model, tensors, cfg.ZOI.BATCH_SIZE, cfg.ZOI.AMP, model.device.type)
+        )
         times["d"].append(run_torchvision(tv_model, tensors, cfg.ZOI.BATCH_SIZE))
     best = {k: min(v) for k, v in times.items()}
     rate = {k: n / best[k] for k in best}
