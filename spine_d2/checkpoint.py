@@ -8,13 +8,13 @@ the same name fails with one line instead of loading silently (or running a pick
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from pathlib import Path
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .data.io import file_sha256
 from .errors import CheckpointError
 
 __all__ = [
@@ -24,14 +24,6 @@ __all__ = [
     "verify_weights",
     "weights_manifest",
 ]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_manifest(path) -> dict | None:
@@ -55,7 +47,7 @@ def verify_weights(path) -> dict | None:
         raise CheckpointError(path, "no such weights file")
     manifest = weights_manifest(path)
     if manifest is not None:
-        got = _sha256(path)
+        got = file_sha256(path)
         if got != manifest["sha256"].lower():
             raise CheckpointError(
                 path,
@@ -120,7 +112,7 @@ def package_weights(checkpoint, out_path, manifest_fields: dict) -> dict:
     os.replace(tmp, out_path)
     manifest = {
         "file": out_path.name,
-        "sha256": _sha256(out_path),
+        "sha256": file_sha256(out_path),
         "size_bytes": out_path.stat().st_size,
         "dtype": "float16",
         "parameters": int(sum(v.numel() for v in half.values())),

@@ -53,19 +53,6 @@ def summarize(elapsed_s: float, eval_results: dict, zoi_summary: dict, align: di
     }
 
 
-def _train_args(config: str, out: str, opts: list):
-    return argparse.Namespace(
-        config_file=config,
-        eval_only=False,
-        resume=False,
-        num_gpus=1,
-        num_machines=1,
-        machine_rank=0,
-        dist_url="auto",
-        opts=["OUTPUT_DIR", out, "ZOI.EXPORT_AFTER_EVAL", "True", *opts],
-    )
-
-
 def _enhance(pairs_json: str, manifest: str, out: str) -> list:
     from .align.cli import main as enhance_main
 
@@ -118,10 +105,13 @@ def run_demo(out_dir="output/demo", config=DEMO_CONFIG, started_at=None, opts=()
     timings["data_s"] = round(time.time() - t, 1)
 
     from .engine.train import main as train_main
+    from .engine.train import train_args
 
     t = time.time()
     train_dir = str(out / "train")
-    train_main(_train_args(config, train_dir, list(opts)))
+    train_main(
+        train_args(config, ["OUTPUT_DIR", train_dir, "ZOI.EXPORT_AFTER_EVAL", "True", *opts])
+    )
     timings["train_eval_export_s"] = round(time.time() - t, 1)
     eval_results = json.loads((out / "train" / "inference" / "eval_results.json").read_text())
     export_dir = out / "train" / "zoi" / "spine_drr_small_test"

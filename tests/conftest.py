@@ -1,10 +1,9 @@
-import argparse
-
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from spine_d2.data.datasets import register_spine_coco
 from spine_d2.data.synthetic import make_synthetic_spine_dataset
+from spine_d2.engine.train import train_args as engine_train_args
 
 INSTANT_CONFIG = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
 
@@ -30,15 +29,7 @@ def train_args():
     """Factory of tools/train_net.py arguments for the instant-test config."""
 
     def make(output_dir, *opts, eval_only=False, resume=False):
-        return argparse.Namespace(
-            config_file=INSTANT_CONFIG,
-            eval_only=eval_only,
-            resume=resume,
-            num_gpus=1,
-            num_machines=1,
-            machine_rank=0,
-            dist_url="auto",
-            opts=["OUTPUT_DIR", str(output_dir), *opts],
-        )
+        opts = ["OUTPUT_DIR", str(output_dir), *opts]
+        return engine_train_args(INSTANT_CONFIG, opts, eval_only=eval_only, resume=resume)
 
     return make

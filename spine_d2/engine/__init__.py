@@ -1,5 +1,5 @@
 from .setup import build_config, setup
-from .train import main
+from .train import main, train_args
 from .trainer import SpineTrainer
 
-__all__ = ["SpineTrainer", "build_config", "main", "setup"]
+__all__ = ["SpineTrainer", "build_config", "main", "setup", "train_args"]

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..checkpoint import SpineCheckpointer
 from ..zoi.export import export_datasets
 from .hooks import ZOIExportHook
 from .setup import setup
 from .trainer import SpineTrainer
 
-__all__ = ["main"]
+__all__ = ["main", "train_args"]
+
+
+def train_args(config_file, opts=(), *, eval_only=False, resume=False):
+    """The arguments tools/train_net.py would parse, for one process on this machine (the demo
+    and the tests call ``main`` in-process with them)."""
+    return argparse.Namespace(
+        config_file=str(config_file),
+        eval_only=eval_only,
+        resume=resume,
+        num_gpus=1,
+        num_machines=1,
+        machine_rank=0,
+        dist_url="auto",
+        opts=list(opts),
+    )
 
 
 def main(args):
