@@ -83,3 +83,27 @@ def test_package_weights_halves_the_model_drops_the_rest_and_records_its_hash(tm
             "level_accuracy": None,
         }
     ]
+
+
+def test_bad_amp_value_names_its_config_key():
+    from spine_d2.errors import SpineError
+    from spine_d2.modeling import inference_autocast
+
+    with pytest.raises(SpineError, match=r"SPINE\.EVAL\.AMP 'fp8': expected '', 'fp16' or 'bf16'"):
+        inference_autocast("cpu", "fp8", "SPINE.EVAL.AMP")
+    with inference_autocast("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_package_weights_tool_refuses_a_run_without_its_files(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "tools/package_weights.py", "--train-dir", str(tmp_path), "--out",
+         str(tmp_path / "w.pth")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip().endswith("model_final.pth: no such file")
+    assert not (tmp_path / "w.pth").exists()

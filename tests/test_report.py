@@ -77,3 +77,10 @@ def test_report_tables_and_summary_carry_the_run_figures(tmp_path):
     lines = report.headline(summary)
     assert "AP50 97.5" in lines[0] and "level accuracy n/a" in lines[0]
     assert "3 suspected missed vertebrae" in lines[1] and "+7.2 dB" in lines[2]
+
+
+def test_demo_refuses_a_missing_config(capsys):
+    from spine_d2.demo import main
+
+    assert main(["--config-file", "configs/nope.yaml", "--out", "/nonexistent/demo"]) == 2
+    assert "configs/nope.yaml: no such config" in capsys.readouterr().err
