@@ -41,16 +41,20 @@ data-small: $(VENV)/.installed  ## the small preset (make demo) under $DETECTRON
 train: $(VENV)/.installed  ## train $(CONFIG) (resumes from its last checkpoint)
 	$(PY) tools/train_net.py --config-file $(CONFIG) --resume
 
-eval: $(VENV)/.installed  ## evaluate the newest model of $(CONFIG) on its test split
-	@test -f $(OUTPUT_DIR)/model_final.pth || { echo "No trained model at $(OUTPUT_DIR)/model_final.pth: run 'make train' (or 'make demo') first."; exit 1; }
-	$(PY) tools/train_net.py --config-file $(CONFIG) --eval-only MODEL.WEIGHTS $(OUTPUT_DIR)/model_final.pth
+# The newest model of CONFIG when there is one, else the shipped checkpoint (override: WEIGHTS=...).
+SHIPPED_WEIGHTS := weights/spine_mask_rcnn_R_18_FPN_drr.pth
+WEIGHTS ?= $(if $(wildcard $(OUTPUT_DIR)/model_final.pth),$(OUTPUT_DIR)/model_final.pth,$(SHIPPED_WEIGHTS))
+eval: $(VENV)/.installed  ## evaluate WEIGHTS (newest model of $(CONFIG), else the shipped one) on its test split
+	@test -f $(WEIGHTS) || { echo "No model at $(WEIGHTS): run 'make train' first."; exit 1; }
+	@echo "Evaluating $(WEIGHTS)"
+	$(PY) tools/train_net.py --config-file $(CONFIG) --eval-only MODEL.WEIGHTS $(WEIGHTS) OUTPUT_DIR $(OUTPUT_DIR)
 	@echo "Results: $(OUTPUT_DIR)/inference/eval_results.json"
 
 EXPORT_INPUT ?= $(DETECTRON2_DATASETS)/spine_drr/images/test
 EXPORT_OUTPUT ?= $(OUTPUT_DIR)/zoi_export
-export: $(VENV)/.installed  ## export ZOIs of EXPORT_INPUT with the newest model of $(CONFIG)
-	@test -f $(OUTPUT_DIR)/model_final.pth || { echo "No trained model at $(OUTPUT_DIR)/model_final.pth: run 'make train' (or 'make demo') first."; exit 1; }
-	$(PY) tools/export_zoi.py --config-file $(CONFIG) --input $(EXPORT_INPUT) --output $(EXPORT_OUTPUT) MODEL.WEIGHTS $(OUTPUT_DIR)/model_final.pth
+export: $(VENV)/.installed  ## export ZOIs of EXPORT_INPUT with WEIGHTS
+	@test -f $(WEIGHTS) || { echo "No model at $(WEIGHTS): run 'make train' first."; exit 1; }
+	$(PY) tools/export_zoi.py --config-file $(CONFIG) --input $(EXPORT_INPUT) --output $(EXPORT_OUTPUT) MODEL.WEIGHTS $(WEIGHTS)
 
 ENHANCE_PAIRS ?= $(DETECTRON2_DATASETS)/spine_drr/pairs.json
 ENHANCE_MANIFEST ?= $(OUTPUT_DIR)/zoi_export/manifest.jsonl
