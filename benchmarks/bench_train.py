@@ -44,11 +44,14 @@ def synthetic_batch(cfg, size: int, batch: int, seed: int = 0):
 
 
 def torchvision_model(cfg, size: int):
-    """torchvision Mask R-CNN with the same backbone depth, norm, FPN width and head sizes;
+    """torchvision Mask R-CNN with the same backbone depth, norm, FPN width and head sizes
+    (box MLP width, mask convs; no level branch: it has none);
     its transform keeps the ``size`` px inputs as they are (no second resize)."""
     from torchvision.models import resnet18
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
     norm = partial(nn.GroupNorm, 32)
     body = resnet18(weights=None, norm_layer=norm)
@@ -59,9 +62,19 @@ def torchvision_model(cfg, size: int):
         in_channels_list=[64, 128, 256, 512],
         out_channels=fpn_ch,
     )
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1
+    fc, mask_dim = cfg.MODEL.ROI_BOX_HEAD.FC_DIM, cfg.MODEL.ROI_MASK_HEAD.CONV_DIM
+    mask_norm = norm if cfg.MODEL.ROI_MASK_HEAD.NORM == "GN" else None
     return MaskRCNN(
         backbone,
-        num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1,
+        num_classes=None,
+        # the CPU config's head sizes: 2 FC of FC_DIM; NUM_CONV x CONV_DIM mask convs (GN)
+        box_head=TwoMLPHead(fpn_ch * 7 * 7, fc),
+        box_predictor=FastRCNNPredictor(fc, num_classes),
+        mask_head=MaskRCNNHeads(
+            fpn_ch, [mask_dim] * cfg.MODEL.ROI_MASK_HEAD.NUM_CONV, 1, norm_layer=mask_norm
+        ),
+        mask_predictor=MaskRCNNPredictor(mask_dim, mask_dim, num_classes),
         min_size=size,
         max_size=size,
         image_mean=[m / 255 for m in cfg.MODEL.PIXEL_MEAN],
