@@ -9,9 +9,11 @@ the same name fails with one line instead of loading silently (or running a pick
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .data.io import file_sha256
@@ -61,10 +63,8 @@ class SpineCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer + sha256 check against a sidecar manifest + one-line errors."""
 
     def _load_file(self, filename):
-        if Path(filename).suffix == ".pth" or Path(filename).with_suffix(".json").is_file():
-            manifest = verify_weights(filename)
-            if manifest is not None:
-                self.logger.info(f"{filename}: sha256 matches its manifest")
+        if verify_weights(filename) is not None:  # fvcore has made ``filename`` local already
+            self.logger.info(f"{filename}: sha256 matches its manifest")
         try:
             return super()._load_file(filename)
         except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
@@ -98,10 +98,6 @@ def package_weights(checkpoint, out_path, manifest_fields: dict) -> dict:
     dtype); optimizer and scheduler state are dropped. Both files are written to temporary
     names and renamed, the weights first, so a manifest never describes a half-written file.
     """
-    import os
-
-    import torch
-
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = state.get("model", state)
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in model.items()}

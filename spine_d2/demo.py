@@ -27,10 +27,6 @@ DEMO_CONFIG = "configs/demo/spine_mask_rcnn_R_18_FPN_demo_finetune.yaml"
 logger = logging.getLogger(__name__)
 
 
-def _flat(results: dict, prefix: str) -> dict:
-    return {f"{prefix}.{k}": v for k, v in results.items() if not isinstance(v, dict)}
-
-
 def summarize(elapsed_s: float, eval_results: dict, zoi_summary: dict, align: dict) -> dict:
     """summary.json: the keys `make demo` promises (README), flat, floats or null."""
     segm, vert = eval_results.get("segm", {}), eval_results.get("vertebra", {})
@@ -53,7 +49,7 @@ def summarize(elapsed_s: float, eval_results: dict, zoi_summary: dict, align: di
     }
 
 
-def _enhance(pairs_json: str, manifest: str, out: str) -> list:
+def _enhance(pairs_json: str, manifest: str, lines: list, out: str) -> list:
     from .align.cli import main as enhance_main
 
     rc = enhance_main(
@@ -70,14 +66,14 @@ def _enhance(pairs_json: str, manifest: str, out: str) -> list:
     )
     if rc not in (0, 3):
         raise RuntimeError(f"enhance_scan failed with exit code {rc}")
-    lines = {Path(v["path"]).name: v for v in report.manifest_lines(manifest)}
+    by_name = {Path(v["path"]).name: v for v in lines}
     results = []
     for d in sorted(Path(out).iterdir()):
         t = d / "transforms.json"
         if not t.is_file():
             continue
         info = json.loads(t.read_text())
-        low_line = lines.get(Path(info["low_dose"]).name, {"zois": []})
+        low_line = by_name.get(Path(info["low_dose"]).name, {"zois": []})
         results.append(
             {
                 "low": info["low_dose"],
@@ -118,8 +114,9 @@ def run_demo(out_dir="output/demo", config=DEMO_CONFIG, started_at=None, opts=()
     zoi_summary = json.loads((export_dir / "summary.json").read_text())
     manifest = str(export_dir / "manifest.jsonl")
 
+    lines = report.manifest_lines(manifest)
     t = time.time()
-    enhanced = _enhance(str(data_dir / "pairs.json"), manifest, str(out / "enhanced"))
+    enhanced = _enhance(str(data_dir / "pairs.json"), manifest, lines, str(out / "enhanced"))
     align_json = out / "align.json"
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_align.py"
     subprocess.run(
@@ -132,7 +129,6 @@ def run_demo(out_dir="output/demo", config=DEMO_CONFIG, started_at=None, opts=()
 
     t = time.time()
     fig = out / "figures"
-    lines = report.manifest_lines(manifest)
     figures = {
         "Fine-tuning loss curves": report.loss_curves_png(
             report.read_metrics(out / "train" / "metrics.json"), fig / "loss_curves.png"

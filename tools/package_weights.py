@@ -20,6 +20,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import yaml
+
 from spine_d2.checkpoint import package_weights, training_curve
 from spine_d2.report import read_metrics
 
@@ -56,6 +58,11 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", help="default: <train-dir>/model_final.pth")
     ap.add_argument("--eval", help="eval_results.json of the packaged weights on the test split")
     ap.add_argument("--dataset", default="datasets/spine_drr", help="the training data's folder")
+    ap.add_argument(
+        "--config-file",
+        default="configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml",
+        help="the config the run was started with (its full dump is <train-dir>/config.yaml)",
+    )
     ap.add_argument("--command", default="make train-pretrained", help="how the run was made")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -76,8 +83,9 @@ def main(argv=None) -> int:
     iters = max((r["iteration"] for r in rows if "total_loss" in r), default=-1) + 1
     last = max((r for r in rows if "total_loss" in r), key=lambda r: r["iteration"], default={})
     meta = json.loads((Path(args.dataset) / "meta.json").read_text())
+    run_cfg = yaml.safe_load((train / "config.yaml").read_text())
     fields = {
-        "config": "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml",
+        "config": args.config_file,
         "config_dump": (train / "config.yaml").name,
         "dataset": {
             "name": "spine_drr (built-in DRR data, default preset)",
@@ -87,7 +95,7 @@ def main(argv=None) -> int:
             "counts": meta.get("counts"),
         },
         "iterations": iters,
-        "images_per_iteration": 2,
+        "images_per_iteration": run_cfg["SOLVER"]["IMS_PER_BATCH"],
         "final_total_loss": last.get("total_loss"),
         "wall_time_s": round((evals[-1] - start).total_seconds()) if start and evals else None,
         "hardware": {
