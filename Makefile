@@ -13,7 +13,7 @@ OUTPUT_DIR ?= $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(
 PYTEST_ARGS ?= -q -n 2 --durations=10
 export DETECTRON2_DATASETS ?= datasets
 
-.PHONY: install test demo demo-clean data data-parts data-small train train-pretrained eval export enhance bench lint clean-venv
+.PHONY: install test demo demo-clean data data-parts data-small data-aasce train train-pretrained train-aasce study-aasce eval export enhance bench lint clean-venv
 
 $(VENV)/.installed: setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,29 @@ data-parts: $(VENV)/.installed  ## the same scans labelled with the paper's four
 
 data-small: $(VENV)/.installed  ## the small preset (make demo) under $DETECTRON2_DATASETS/spine_drr_small
 	$(PY) datasets/prepare_spine_drr.py --preset small --preview $(DATA_ARGS)
+
+# Real radiographs: AASCE 2019 (research use only; read where it lies, never copied).
+AASCE_SRC ?= ../shared/data/aasce
+AASCE_CONFIG ?= configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_cpu.yaml
+AASCE_DIR = $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(AASCE_CONFIG) | tail -1)
+data-aasce: $(VENV)/.installed  ## convert AASCE_SRC to COCO under $DETECTRON2_DATASETS/spine_aasce (split by patient)
+	$(PY) datasets/prepare_aasce.py --src $(AASCE_SRC)
+
+train-aasce: $(VENV)/.installed  ## fine-tune the shipped checkpoint on spine_aasce_train, evaluate on spine_aasce_val (~35 min)
+	@test -f $(DETECTRON2_DATASETS)/spine_aasce/train.json || { echo "The AASCE dataset is missing: run 'make data-aasce' first."; exit 1; }
+	$(PY) tools/train_net.py --config-file $(AASCE_CONFIG) --resume
+	@echo "Results: $(AASCE_DIR)/inference/eval_results.json"
+
+# The sim-to-real study (README, "Real radiographs"): three arms at equal iterations, one table.
+STUDY_A := configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_scratch_cpu.yaml
+STUDY_B := configs/aasce/spine_mask_rcnn_R_18_FPN_drr_body_cpu.yaml
+study-aasce: train-aasce  ## + AASCE-only and DRR-only arms (needs make data-parts), then the table (~1.5 h)
+	$(PY) tools/train_net.py --config-file $(STUDY_A) --resume
+	$(PY) tools/train_net.py --config-file $(STUDY_B) --resume
+	$(PY) tools/compare_runs.py --json output/aasce/study.json \
+	  "(a) AASCE only, from scratch=output/aasce/spine_mask_rcnn_R_18_FPN_aasce_scratch_cpu" \
+	  "(b) DRR only (body class)=output/aasce/spine_mask_rcnn_R_18_FPN_drr_body_cpu" \
+	  "(c) DRR checkpoint + AASCE fine-tune=$(AASCE_DIR)"
 
 train: $(VENV)/.installed  ## train $(CONFIG) (resumes from its last checkpoint)
 	$(PY) tools/train_net.py --config-file $(CONFIG) --resume

@@ -37,7 +37,9 @@ _EDGE_TOLERANCE = 1.0
 _DRR_HOW = "make data"
 _PARTS_HOW = "make data-parts"
 _SMALL_HOW = "make data-small"
-# name -> (json relative to the dataset root, image root relative to it, how to make it)
+_AASCE_HOW = "make data-aasce"
+# name -> (json relative to the dataset root, image root relative to it, how to make it[,
+# categories kept: the others' annotations are dropped])
 BUILTIN_SPLITS = {
     "spine_drr_train": ("spine_drr/train.json", "spine_drr/images", _DRR_HOW),
     "spine_drr_val": ("spine_drr/val.json", "spine_drr/images", _DRR_HOW),
@@ -49,6 +51,20 @@ BUILTIN_SPLITS = {
     "spine_drr_small_train": ("spine_drr_small/train.json", "spine_drr_small/images", _SMALL_HOW),
     "spine_drr_small_val": ("spine_drr_small/val.json", "spine_drr_small/images", _SMALL_HOW),
     "spine_drr_small_test": ("spine_drr_small/test.json", "spine_drr_small/images", _SMALL_HOW),
+    # The parts scans with vertebral bodies only: the DRR side of the sim-to-real study (AASCE
+    # labels bodies only)
+    **{
+        f"spine_drr_body_{split}": (
+            f"spine_drr_parts/{split}.json",
+            "spine_drr_parts/images",
+            _PARTS_HOW,
+            ("vertebral_body",),
+        )
+        for split in ("train", "val", "test")
+    },
+    # Real AP radiographs (datasets/prepare_aasce.py): images/ links to the source, split by patient
+    "spine_aasce_train": ("spine_aasce/train.json", "spine_aasce/images", _AASCE_HOW),
+    "spine_aasce_val": ("spine_aasce/val.json", "spine_aasce/images", _AASCE_HOW),
 }
 
 
@@ -124,12 +140,15 @@ def _resolve_image(image_root: Path, file_name) -> Path:
     return image_root / p
 
 
-def load_spine_coco(json_file, image_root, dataset_name=None, skip_invalid=False) -> list[dict]:
+def load_spine_coco(
+    json_file, image_root, dataset_name=None, skip_invalid=False, categories=None
+) -> list[dict]:
     """Load and validate a COCO instance file into Detectron2 dicts.
 
     Every bad record raises DatasetError naming the json, the record and the reason; with
     ``skip_invalid`` it is dropped instead and the counts per reason are logged. Annotations keep
-    their ``level`` (e.g. "T12") and ``truncated`` attributes.
+    their ``level`` (e.g. "T12") and ``truncated`` attributes. ``categories`` (names) keeps only
+    those classes, numbered in the json's id order; the other annotations are dropped.
     """
     json_file, image_root = Path(json_file), Path(image_root)
     if not json_file.is_file():
@@ -145,6 +164,17 @@ def load_spine_coco(json_file, image_root, dataset_name=None, skip_invalid=False
         raise DatasetError(json_file, "has no categories")
 
     cats = sorted(coco["categories"], key=lambda c: c["id"])
+    dropped_ids = set()
+    if categories is not None:
+        missing = set(categories) - {c["name"] for c in cats}
+        if missing:
+            raise DatasetError(
+                json_file,
+                f"has no categor{'y' if len(missing) == 1 else 'ies'} "
+                f"{', '.join(sorted(missing))}",
+            )
+        dropped_ids = {c["id"] for c in cats if c["name"] not in categories}
+        cats = [c for c in cats if c["name"] in categories]
     id_map = {c["id"]: i for i, c in enumerate(cats)}
     skipped: Counter = Counter()
 
@@ -187,6 +217,8 @@ def load_spine_coco(json_file, image_root, dataset_name=None, skip_invalid=False
             if not any(img.get("id") == ann.get("image_id") for img in coco["images"]):
                 bad(label, "refers to an unknown image id")
             continue  # its image was skipped above: its annotations go with it
+        if ann.get("category_id") in dropped_ids:
+            continue
         problem = _annotation_problem(ann, rec["width"], rec["height"], id_map)
         if problem:
             bad(label, problem)
@@ -232,35 +264,46 @@ def load_spine_coco(json_file, image_root, dataset_name=None, skip_invalid=False
         if not hasattr(meta, "vertebra_levels"):  # given at registration when known up front
             order = {lvl: i for i, lvl in enumerate(VERTEBRA_LEVELS)}
             meta.vertebra_levels = sorted(levels_seen, key=lambda l: (order.get(l, len(order)), l))
-        if skipped and hasattr(meta, "json_file"):
+        if (skipped or categories is not None) and hasattr(meta, "json_file"):
             # COCOEvaluator would score against the unfiltered json; let it convert these dicts.
             del meta.json_file
     return records
 
 
-def _same_registration(name, json_file, image_root) -> bool:
+def _same_registration(name, json_file, image_root, categories=None) -> bool:
     if name not in DatasetCatalog.list():
         return False
     meta = MetadataCatalog.get(name)
-    return getattr(meta, "_spine_source", None) == (str(json_file), str(image_root))
+    return getattr(meta, "_spine_source", None) == (str(json_file), str(image_root), categories)
 
 
-def register_spine_coco(name, json_file, image_root, metadata=None, skip_invalid=False):
+def register_spine_coco(
+    name, json_file, image_root, metadata=None, skip_invalid=False, categories=None
+):
     """Register a COCO instance-segmentation dataset. Safe to call twice with the same arguments;
-    a different source under the same name replaces the earlier one (with a warning)."""
+    a different source under the same name replaces the earlier one (with a warning).
+    ``categories``: keep only these class names (see ``load_spine_coco``)."""
     json_file, image_root = os.fspath(json_file), os.fspath(image_root)
-    if _same_registration(name, json_file, image_root):
+    categories = tuple(categories) if categories is not None else None
+    if _same_registration(name, json_file, image_root, categories):
         return
     if name in DatasetCatalog.list():
         logger.warning("Dataset '%s' was registered before; replacing it with %s", name, json_file)
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     DatasetCatalog.register(
-        name, lambda: load_spine_coco(json_file, image_root, name, skip_invalid=skip_invalid)
+        name,
+        lambda: load_spine_coco(
+            json_file, image_root, name, skip_invalid=skip_invalid, categories=categories
+        ),
     )
     meta = {"evaluator_type": "spine_coco", **(metadata or {})}
-    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, **meta)
-    MetadataCatalog.get(name)._spine_source = (json_file, image_root)
+    if categories is None:  # filtered: COCOEvaluator converts the loaded dicts instead
+        meta["json_file"] = json_file
+    else:
+        meta["thing_classes"] = list(categories)
+    MetadataCatalog.get(name).set(image_root=image_root, **meta)
+    MetadataCatalog.get(name)._spine_source = (json_file, image_root, categories)
 
 
 def _missing_builtin(name, json_file, how):
@@ -275,10 +318,10 @@ def register_builtin(root=None):
     ``datasets``). Splits not generated yet are still registered, so that using one gives an
     error that says which command makes it instead of "dataset not registered"."""
     root = Path(root or os.environ.get("DETECTRON2_DATASETS", "datasets"))
-    for name, (json_rel, images_rel, how) in BUILTIN_SPLITS.items():
+    for name, (json_rel, images_rel, how, *cats) in BUILTIN_SPLITS.items():
         json_file, image_root = root / json_rel, root / images_rel
         if json_file.is_file():
-            register_spine_coco(name, json_file, image_root)
+            register_spine_coco(name, json_file, image_root, categories=cats[0] if cats else None)
         else:
             if name in DatasetCatalog.list():
                 DatasetCatalog.remove(name)

@@ -150,3 +150,30 @@ def test_builtin_split_missing_says_which_command_makes_it(tmp_path):
         assert str(tmp_path) in str(e.value)
     finally:
         register_builtin()
+
+
+def test_categories_keep_only_the_named_classes(coco, tmp_path):
+    raw, image_root = coco
+    raw = copy.deepcopy(raw)
+    raw["categories"] = [{"id": 1, "name": "vertebral_body"}, {"id": 2, "name": "pedicle"}]
+    # category ids listed out of order: kept classes are numbered in id order
+    raw["categories"].reverse()
+    for i, a in enumerate(raw["annotations"]):
+        a["category_id"] = 1 + i % 2
+    n_body = sum(a["category_id"] == 1 for a in raw["annotations"])
+    json_file = _write(tmp_path, raw)
+    name = "spine_test_body_only"
+    register_spine_coco(name, json_file, image_root, categories=("vertebral_body",))
+    try:
+        dicts = DatasetCatalog.get(name)
+        anns = [a for d in dicts for a in d["annotations"]]
+        assert len(anns) == n_body and {a["category_id"] for a in anns} == {0}
+        meta = MetadataCatalog.get(name)
+        assert meta.thing_classes == ["vertebral_body"]
+        # COCOEvaluator must not score against the unfiltered json
+        assert not hasattr(meta, "json_file")
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    with pytest.raises(DatasetError, match="has no category spinous"):
+        load_spine_coco(json_file, image_root, categories=("spinous",))
