@@ -47,7 +47,7 @@ AASCE_DIR = $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(AA
 data-aasce: $(VENV)/.installed  ## convert AASCE_SRC to COCO under $DETECTRON2_DATASETS/spine_aasce (split by patient)
 	$(PY) datasets/prepare_aasce.py --src $(AASCE_SRC)
 
-train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~80 min)
+train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~70 min)
 	@test -f $(DETECTRON2_DATASETS)/spine_aasce/train.json || { echo "The AASCE dataset is missing: run 'make data-aasce' first."; exit 1; }
 	$(PY) tools/train_net.py --config-file $(AASCE_STAGE1) --resume
 	$(PY) tools/train_net.py --config-file $(AASCE_CONFIG) --resume

@@ -126,7 +126,11 @@ def _levels_by_iou(pred: list, gt: list, min_iou: float = 0.5, with_iou=False) -
 
 # TRE with predicted masks by how well both predicted masks of a pair match the ground truth:
 # the outline fit inherits the masks' errors, so this says what limits the whole pipeline.
-_IOU_BINS = ((0.85, 1.01, "iou>=0.85"), (0.75, 0.85, "iou0.75-0.85"), (0.0, 0.75, "iou<0.75"))
+_IOU_BINS = (
+    (0.75, 1.01, "iou>=0.75"),
+    (0.65, 0.75, "iou0.65-0.75"),
+    (0.0, 0.65, "iou<0.65"),
+)
 
 
 def _summ(values) -> dict:
