@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
+from .datasets import polygon_area
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +165,7 @@ def _is_simple(poly: np.ndarray) -> bool:
 
 
 def _area(poly: np.ndarray) -> float:
-    x, y = poly[:, 0], poly[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    return float(polygon_area(poly[:, 0], poly[:, 1]))
 
 
 def _convex_order(pts: np.ndarray):

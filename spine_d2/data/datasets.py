@@ -76,6 +76,11 @@ def _level_of(ann: dict):
     return level
 
 
+def polygon_area(xs, ys) -> float:
+    """Area of a simple polygon from its x and y coordinates (shoelace)."""
+    return 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))
+
+
 def _polygon_problem(poly, width, height):
     if not isinstance(poly, (list, tuple)):
         return "polygon is not a list of coordinates"
@@ -84,8 +89,7 @@ def _polygon_problem(poly, width, height):
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in poly):
         return "polygon has non-numeric or non-finite coordinates"
     xs, ys = poly[0::2], poly[1::2]
-    area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))  # shoelace
-    if area < 1e-6:
+    if polygon_area(xs, ys) < 1e-6:
         return "polygon is degenerate (zero area)"
     t = _EDGE_TOLERANCE
     if min(xs) < -t or min(ys) < -t or max(xs) > width + t or max(ys) > height + t:
@@ -264,7 +268,7 @@ def load_spine_coco(
         if not hasattr(meta, "vertebra_levels"):  # given at registration when known up front
             order = {lvl: i for i, lvl in enumerate(VERTEBRA_LEVELS)}
             meta.vertebra_levels = sorted(levels_seen, key=lambda l: (order.get(l, len(order)), l))
-        if (skipped or categories is not None) and hasattr(meta, "json_file"):
+        if skipped and hasattr(meta, "json_file"):
             # COCOEvaluator would score against the unfiltered json; let it convert these dicts.
             del meta.json_file
     return records

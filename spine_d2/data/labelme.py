@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from ..errors import DatasetError
+from .datasets import _polygon_problem, load_spine_coco, polygon_area
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,7 @@ def _shape_polygon(shape: dict, where: str) -> np.ndarray:
 
 
 def _area(pts: np.ndarray) -> float:
-    x, y = pts[:, 0], pts[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    return float(polygon_area(pts[:, 0], pts[:, 1]))
 
 
 def labelme_to_coco(src, mapping: LabelMapping, out_json, image_root=None) -> dict:
@@ -124,8 +124,6 @@ def labelme_to_coco(src, mapping: LabelMapping, out_json, image_root=None) -> di
     labelme file on a bad shape, unknown label, wrong image size or missing image; nothing is
     written then. Returns counts."""
     from PIL import Image
-
-    from .datasets import load_spine_coco
 
     src = Path(src)
     image_root = Path(image_root) if image_root else src
@@ -177,11 +175,9 @@ def labelme_to_coco(src, mapping: LabelMapping, out_json, image_root=None) -> di
                 counts["ignored"] += 1
                 continue
             pts = _shape_polygon(shape, str(path))
-            t = 1.0  # points on the last pixel's outer edge
-            if pts.min() < -t or pts[:, 0].max() > width + t or pts[:, 1].max() > height + t:
-                raise DatasetError(path, f"shape '{label}' leaves the {width}x{height} image")
-            if _area(pts) < 1e-6:
-                raise DatasetError(path, f"shape '{label}' has zero area")
+            problem = _polygon_problem(pts.reshape(-1).tolist(), width, height)
+            if problem:  # the loader's own check, here to name the labelme file and shape
+                raise DatasetError(path, f"shape '{label}': {problem}")
             group = shape.get("group_id")
             key = (label, group) if group is not None else (label, f"shape{k}")
             instances.setdefault(key, (target, []))[1].append(pts)
