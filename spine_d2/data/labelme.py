@@ -225,7 +225,14 @@ def coco_to_labelme(coco_json, image_root, out_dir) -> int:
     labels or predictions in labelme. ``imagePath`` points at the image under ``image_root``;
     the level, when known, is appended to the label ("vertebral_body T4"). Returns files written."""
     coco_json, image_root, out_dir = Path(coco_json), Path(image_root), Path(out_dir)
-    coco = json.loads(coco_json.read_text(encoding="utf-8"))
+    if not coco_json.is_file():
+        raise DatasetError(coco_json, "annotation file not found")
+    try:
+        coco = json.loads(coco_json.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(coco_json, f"not valid JSON ({e})") from e
+    if not isinstance(coco, dict) or not all(k in coco for k in ("images", "categories")):
+        raise DatasetError(coco_json, "not a COCO instances file (needs 'images' and 'categories')")
     names = {c["id"]: c["name"] for c in coco["categories"]}
     by_image: dict = {}
     for ann in coco.get("annotations", []):

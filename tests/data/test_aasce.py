@@ -172,3 +172,20 @@ def test_known_label_error_of_the_readme_is_fixed():
     assert res.polygons is not None and "order" in res.fixed
     ys = [p[:, 1].mean() for p in res.polygons]
     assert ys == sorted(ys)
+
+
+def test_csv_landmarks_read_and_bad_rows_name_the_file(tmp_path):
+    from spine_d2.data.aasce import read_landmarks_csv
+
+    q = _spine() / 1000.0
+    (tmp_path / "filenames.csv").write_text("a.jpg\nb.jpg\n")
+    row = ",".join(str(v) for v in np.concatenate([q[..., 0].ravel(), q[..., 1].ravel()]))
+    (tmp_path / "landmarks.csv").write_text(f"{row}\n{row}\n")
+    marks = read_landmarks_csv(tmp_path)
+    np.testing.assert_allclose(marks["b.jpg"], q)
+    (tmp_path / "landmarks.csv").write_text(f"{row}\n1,2,3\n")
+    with pytest.raises(DatasetError, match="landmarks.csv: row 2 has 3 values, expected 136"):
+        read_landmarks_csv(tmp_path)
+    (tmp_path / "landmarks.csv").write_text(f"{row}\n")
+    with pytest.raises(DatasetError, match="1 rows for 2 names"):
+        read_landmarks_csv(tmp_path)

@@ -118,3 +118,13 @@ def test_missing_image_and_bad_mapping(tmp_path):
     m.write_text("categories: [a]\nlabelz: {}\n")
     with pytest.raises(DatasetError, match="unknown keys"):
         load_mapping(m)
+
+
+def test_to_labelme_refuses_a_missing_or_non_coco_file(tmp_path):
+    with pytest.raises(DatasetError, match="gone.json: annotation file not found"):
+        coco_to_labelme(tmp_path / "gone.json", tmp_path, tmp_path / "lm")
+    bad = tmp_path / "list.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(DatasetError, match="list.json: not a COCO instances file"):
+        coco_to_labelme(bad, tmp_path, tmp_path / "lm")
+    assert not (tmp_path / "lm").exists()
