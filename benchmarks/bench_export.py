@@ -5,8 +5,9 @@ Variants, interleaved in one process on the same model, config, weights and scan
   (a) ``ZOIExporter`` end to end (decode in workers, batched forward, local paste, PNG writes);
   (b) naive: a loop of ``DefaultPredictor`` calls (full-size masks) + per-instance OpenCV crops,
       PNG writes and a full-mask RLE per instance;
-  (c) the model's bare forward pass on pre-decoded, pre-resized tensors at the exporter's
-      precision (ZOI.AMP; the floor for (a)); (b) stays fp32, as a user's loop would be;
+  (c) the model's bare forward pass on pre-decoded, pre-resized tensors under the exporter's
+      inference settings (ZOI.AMP and its scope, the ZOI score threshold; the floor for (a));
+      (b) stays fp32 with the config's test settings, as a user's loop would be;
   (d) torchvision ``maskrcnn_resnet50_fpn``, random init, same input size and detection cap.
 
 Without ``--weights`` the model is randomly initialised (speed does not depend on the weights,
@@ -120,12 +121,14 @@ def predecode(cfg, paths):
     return tensors
 
 
-def run_forward(model, tensors, batch_size, amp="", device="cpu"):
-    """The floor for (a): the same batches at the exporter's precision (ZOI.AMP)."""
-    from spine_d2.modeling import inference_autocast
+def run_forward(cfg, model, tensors, batch_size):
+    """The floor for (a): the same batches under the exporter's inference settings (ZOI.AMP,
+    ZOI.AMP_SCOPE, masks only for detections >= ZOI.SCORE_THRESH)."""
+    from spine_d2.zoi import ZOIExporter
 
+    exporter = ZOIExporter(cfg, model)
     t0 = time.perf_counter()
-    with torch.inference_mode(), inference_autocast(device, amp):
+    with exporter.inference_context():
         for i in range(0, len(tensors), batch_size):
             batch = [{"image": t} for t in tensors[i : i + batch_size]]
             model.inference(batch, do_postprocess=False)
@@ -151,9 +154,7 @@ def bench_size(cfg, model, tv_model, n, width, height, repeats, workdir: Path) -
         times["a"].append(dt)
         summaries.append(summary)
         times["b"].append(run_naive(cfg, model, paths, folder / f"out_b{r}"))
-        times["c"].append(
-            run_forward(model, tensors, cfg.ZOI.BATCH_SIZE, cfg.ZOI.AMP, model.device.type)
-        )
+        times["c"].append(run_forward(cfg, model, tensors, cfg.ZOI.BATCH_SIZE))
         times["d"].append(run_torchvision(tv_model, tensors, cfg.ZOI.BATCH_SIZE))
     best = {k: min(v) for k, v in times.items()}
     rate = {k: n / best[k] for k in best}
@@ -223,6 +224,7 @@ def main(argv=None):
         "batch_size": cfg.ZOI.BATCH_SIZE,
         "workers": cfg.ZOI.NUM_WORKERS,
         "amp": cfg.ZOI.AMP,
+        "amp_scope": cfg.ZOI.AMP_SCOPE,
         "runs": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:

@@ -88,6 +88,7 @@ def add_spine_config(cfg):
 
     _C.SPINE.EVAL = CN()
     _C.SPINE.EVAL.AMP = ""  # "" (fp32), "fp16" or "bf16" autocast in evaluation; check AP first
+    _C.SPINE.EVAL.AMP_SCOPE = "model"  # "model" (whole forward) or "features" (backbone + RPN head)
     _C.SPINE.EVAL.IOU_THRESH = 0.5  # mask IoU for a prediction to count as finding a vertebra
     _C.SPINE.EVAL.SCORE_THRESH = (
         0.5  # predictions below this score are ignored by VertebraEvaluator
@@ -105,6 +106,7 @@ def add_spine_config(cfg):
     _C.ZOI.BATCH_SIZE = 4  # scans per forward pass
     _C.ZOI.NUM_WORKERS = 2  # DataLoader workers decoding and resizing scans
     _C.ZOI.AMP = ""  # "" (fp32), "fp16" or "bf16" autocast; changes numerics: check AP first
+    _C.ZOI.AMP_SCOPE = "model"  # "model" (whole forward) or "features" (backbone + RPN head only)
     _C.ZOI.ANCHOR_LEVEL = ""  # level of the top (or bottom) vertebra found, e.g. "C2"; "" = none
     _C.ZOI.ANCHOR_AT = "top"  # which end ANCHOR_LEVEL names: "top" or "bottom"
     _C.ZOI.GAP_FACTOR = 1.6  # spacing > this x neighbouring spacings = suspected missed vertebra

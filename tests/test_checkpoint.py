@@ -107,3 +107,50 @@ def test_package_weights_tool_refuses_a_run_without_its_files(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().endswith("model_final.pth: no such file")
     assert not (tmp_path / "w.pth").exists()
+
+
+def test_feature_scope_autocast_keeps_the_heads_in_fp32():
+    """AMP scope 'features': backbone and RPN head under bf16, ROI heads on fp32 features,
+    and no hook left on the model afterwards."""
+    from detectron2.modeling import build_model
+
+    from spine_d2.engine.setup import build_config
+    from spine_d2.errors import SpineError
+    from spine_d2.modeling import inference_autocast
+
+    cfg = build_config("configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml", [])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    seen = {}
+    spy = [
+        model.backbone.bottom_up.stem.conv1.register_forward_hook(
+            lambda m, a, out: seen.__setitem__("stem", out.dtype)
+        ),
+        model.roi_heads.box_head.register_forward_pre_hook(
+            lambda m, a: seen.__setitem__("box_head_in", a[0].dtype)
+        ),
+        model.roi_heads.box_head.register_forward_hook(
+            lambda m, a, out: seen.__setitem__("box_head_out", out.dtype)
+        ),
+    ]
+    image = torch.rand(3, 128, 128) * 255
+    with torch.inference_mode():
+        with inference_autocast("cpu", "bf16", "ZOI.AMP", model=model, scope="features"):
+            out = model.inference([{"image": image}], do_postprocess=False)
+        assert seen == {
+            "stem": torch.bfloat16,
+            "box_head_in": torch.float32,
+            "box_head_out": torch.float32,
+        }
+        assert out[0].pred_boxes.tensor.dtype == torch.float32
+        assert not torch.is_autocast_enabled("cpu")
+        with inference_autocast("cpu", "bf16", model=model, scope="model"):
+            model.inference([{"image": image}], do_postprocess=False)
+        assert seen["box_head_out"] == torch.bfloat16  # the whole forward, for contrast
+    for h in spy:
+        h.remove()
+    assert not model.backbone._forward_hooks and not model.backbone._forward_pre_hooks
+    with pytest.raises(
+        SpineError, match=r"ZOI\.AMP_SCOPE 'heads': expected one of model, features"
+    ):
+        inference_autocast("cpu", "bf16", "ZOI.AMP", model=model, scope="heads")

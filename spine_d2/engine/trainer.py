@@ -141,7 +141,11 @@ class SpineTrainer(DefaultTrainer):
         {"bbox": {...}, "segm": {...}, "vertebra": {...}} for one test set, keyed by dataset
         name for several."""
         with inference_autocast(
-            cfg.MODEL.DEVICE.split(":")[0], cfg.SPINE.EVAL.AMP, "SPINE.EVAL.AMP"
+            cfg.MODEL.DEVICE.split(":")[0],
+            cfg.SPINE.EVAL.AMP,
+            "SPINE.EVAL.AMP",
+            model=model,
+            scope=cfg.SPINE.EVAL.AMP_SCOPE,
         ):
             results = super().test(cfg, model, evaluators)
         if comm.is_main_process():

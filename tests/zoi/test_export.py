@@ -171,3 +171,41 @@ def test_shards_partition_the_sorted_scan_list(export_cli, scan_folder, tmp_path
         )
     paths = [l["path"] for i in range(2) for l in _lines(out / f"manifest-{i:05d}-of-00002.jsonl")]
     assert sorted(paths) == [i.rel for i in items]
+
+
+def test_export_score_threshold_lever_is_lossless(
+    random_model, export_cfg, scan_folder, tmp_path, monkeypatch
+):
+    """Raising the model's test threshold to ZOI.SCORE_THRESH skips masks nobody exports,
+    and changes nothing that is exported (boxes, scores, masks, levels, suspected misses)."""
+    import contextlib
+
+    items, _ = discover_scans([str(scan_folder / "a")])
+    # random heads score 0.525-0.545: 0.529 splits the 5 detections of each scan
+    cfg = export_cfg("ZOI.SCORE_THRESH", "0.529")
+    if hasattr(random_model.roi_heads, "level_score_thresh"):  # as if built with this config
+        monkeypatch.setattr(random_model.roi_heads, "level_score_thresh", 0.529)
+    masked = []
+    hook = random_model.roi_heads.mask_head.register_forward_pre_hook(
+        lambda m, args: masked.append(len(args[0]))  # ROI features: one row per mask computed
+    )
+    try:
+        ZOIExporter(cfg, random_model).export(items, tmp_path / "lever", progress=False)
+        with_lever = sum(masked)
+        masked.clear()
+        monkeypatch.setattr(
+            ZOIExporter, "_export_score_thresh", lambda self: contextlib.nullcontext()
+        )
+        ZOIExporter(cfg, random_model).export(items, tmp_path / "plain", progress=False)
+        without = sum(masked)
+    finally:
+        hook.remove()
+    lever, plain = _lines(tmp_path / "lever/manifest.jsonl"), _lines(
+        tmp_path / "plain/manifest.jsonl"
+    )
+    assert without == 5 * len(items) and 0 < with_lever < without  # fewer masks computed
+    assert 0 < sum(len(l["zois"]) for l in lever) < without
+    assert [(l["zois"], l["suspected_missing"]) for l in lever] == [
+        (l["zois"], l["suspected_missing"]) for l in plain
+    ]
+    assert random_model.roi_heads.box_predictor.test_score_thresh == 0.0  # restored
