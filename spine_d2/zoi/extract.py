@@ -229,9 +229,7 @@ def extract_zois(
             sub, class_names, len(ordered), seq.gaps, levels, anchor_level, anchor_at
         )
         first_id = len(entries)
-        for k, gap_count in seq.gaps:
-            before = names[k + 1] if k + 1 < len(names) else None
-            guess = _missing_levels(names[k], before, gap_count, levels)
+        for k, gap_count, guess in _suspected_gaps(names, seq.gaps, levels):
             missing.append(
                 {
                     "reason": "gap",
@@ -279,6 +277,33 @@ def extract_zois(
         )
     timings["crop"] = timings.get("crop", 0.0) + time.perf_counter() - t1
     return entries, files, missing
+
+
+def _suspected_gaps(names, spacing_gaps, levels) -> list:
+    """[(k, count, level names)] for the gaps between ordered vertebrae k and k + 1.
+
+    Two kinds of evidence: a spacing much larger than its neighbours' (``order.find_gaps``),
+    and a skip in the level sequence when both neighbours' levels are known (the model's level
+    decoder skips a level it does not see, even where the spacing looks ordinary). Known
+    levels on both sides decide the count and the names; a spacing gap between consecutive
+    levels contradicts them and is still reported, with no names: never dropped."""
+    levels = list(levels)
+    spacing = dict(spacing_gaps)
+    gaps = []
+    for k in range(len(names) - 1):
+        after, before = names[k], names[k + 1]
+        skipped = None
+        if after in levels and before in levels:
+            skipped = levels.index(before) - levels.index(after) - 1
+        if skipped is not None and skipped >= 1:
+            start = levels.index(after) + 1
+            gaps.append((k, skipped, levels[start : start + skipped]))
+        elif k in spacing:
+            guess = (
+                [] if skipped is not None else _missing_levels(after, before, spacing[k], levels)
+            )
+            gaps.append((k, spacing[k], guess))
+    return gaps
 
 
 def _missing_levels(after, before, count, levels) -> list:

@@ -70,3 +70,41 @@ def test_no_detections_is_a_suspected_miss_not_an_error():
     entries, files, missing = extract_zois(np.zeros((64, 64), np.uint8), empty, zoi_dir="zoi/e")
     assert entries == [] and files == {}
     assert missing[0]["reason"] == "no_detections"
+
+
+def _column(centres, levels=None):
+    boxes = torch.tensor(
+        [[x - 14, y - 10, x + 14, y + 10] for x, y in centres], dtype=torch.float32
+    )
+    n = len(boxes)
+    return ScanPredictions(
+        boxes,
+        torch.linspace(0.9, 0.99, n),
+        torch.zeros(n, dtype=torch.long),
+        torch.ones(n, 28, 28),
+        levels,
+    )
+
+
+def test_model_levels_decide_the_gap_count_and_names():
+    levels = list(VERTEBRA_LEVELS)
+    pixels = np.zeros((400, 128), np.uint16)
+    even = [(64, 30 + 40 * k) for k in range(8)]
+    # the level decoder skipped T8 where the spacing looks ordinary: still a suspected miss
+    names = ["T4", "T5", "T6", "T7", "T9", "T10", "T11", "T12"]
+    _, _, missing = extract_zois(pixels, _column(even, names), zoi_dir="z", levels=levels)
+    assert missing == [{"reason": "gap", "after": 3, "before": 4, "count": 1, "levels": ["T8"]}]
+    # a wide spacing (would count 2) between T2 and T4: the levels say one, T3
+    wide = [(64, 30), (64, 70), (64, 190), (64, 230), (64, 270)]
+    _, _, missing = extract_zois(
+        pixels, _column(wide, ["T1", "T2", "T4", "T5", "T6"]), zoi_dir="z", levels=levels
+    )
+    assert missing == [{"reason": "gap", "after": 1, "before": 2, "count": 1, "levels": ["T3"]}]
+    # consecutive levels across a wide spacing contradict it: reported, without names
+    _, _, missing = extract_zois(
+        pixels, _column(wide, ["T1", "T2", "T3", "T4", "T5"]), zoi_dir="z", levels=levels
+    )
+    assert missing == [{"reason": "gap", "after": 1, "before": 2, "count": 2, "levels": []}]
+    # no levels at all: the spacing alone
+    _, _, missing = extract_zois(pixels, _column(wide), zoi_dir="z", levels=levels)
+    assert missing == [{"reason": "gap", "after": 1, "before": 2, "count": 2, "levels": []}]
