@@ -97,9 +97,9 @@ def transform_errors(reg_m, true_m, mask, origin) -> tuple:
     return tre, abs(rot), abs(scale)
 
 
-def _levels_by_iou(pred: list, gt: list, min_iou: float = 0.5, with_iou=False) -> list:
-    """Ground-truth level of each predicted vertebra (None when none overlaps enough), or
-    (level, mask IoU) pairs with ``with_iou``."""
+def _levels_by_iou(pred: list, gt: list, min_iou: float = 0.5) -> list:
+    """(ground-truth level, mask IoU) of each predicted vertebra; (None, 0.0) when none
+    overlaps enough."""
     out = []
     for p in pred:
         best, best_iou = None, min_iou
@@ -120,7 +120,7 @@ def _levels_by_iou(pred: list, gt: list, min_iou: float = 0.5, with_iou=False) -
             iou = np.count_nonzero(a & b) / union if union else 0.0
             if iou > best_iou:
                 best, best_iou = g.level, iou
-        out.append((best, best_iou if best else 0.0) if with_iou else best)
+        out.append((best, best_iou if best else 0.0))
     return out
 
 
@@ -279,9 +279,7 @@ def main(argv=None) -> dict:
             except Exception as e:  # noqa: BLE001 - a benchmark records and goes on
                 acc["pred_failed"].append(str(e))
                 continue
-            la_iou, lb_iou = _levels_by_iou(pa, va, with_iou=True), _levels_by_iou(
-                pb, vb, with_iou=True
-            )
+            la_iou, lb_iou = _levels_by_iou(pa, va), _levels_by_iou(pb, vb)
             la, lb = [x[0] for x in la_iou], [x[0] for x in lb_iou]
             for (ih, il), reg in zip(rp.match.pairs, rp.registrations):
                 if la[ih] is None or lb[il] is None:

@@ -154,3 +154,13 @@ def test_feature_scope_autocast_keeps_the_heads_in_fp32():
         SpineError, match=r"ZOI\.AMP_SCOPE 'heads': expected one of model, features"
     ):
         inference_autocast("cpu", "bf16", "ZOI.AMP", model=model, scope="heads")
+
+
+def test_amp_scope_is_checked_in_fp32_too_and_features_needs_the_model():
+    from spine_d2.errors import SpineError
+    from spine_d2.modeling import inference_autocast
+
+    with pytest.raises(SpineError, match=r"SPINE\.EVAL\.AMP_SCOPE 'heads': expected one of"):
+        inference_autocast("cpu", "", "SPINE.EVAL.AMP", scope="heads")
+    with pytest.raises(SpineError, match=r"ZOI\.AMP_SCOPE 'features' needs the model"):
+        inference_autocast("cpu", "bf16", "ZOI.AMP", scope="features")

@@ -71,12 +71,12 @@ def inference_autocast(
     ``scope`` "model" autocasts the whole forward; "features" only the backbone and RPN head
     of ``model`` (most of the time, least of the numerics: scores, boxes and masks are computed
     in fp32). ``key`` names the config key in errors (e.g. "ZOI.AMP")."""
+    if scope not in AMP_SCOPES:  # checked in fp32 too: a typo should not wait for AMP to surface
+        raise SpineError(f"{key}_SCOPE {scope!r}: expected one of {', '.join(AMP_SCOPES)}")
     if not amp:
         return contextlib.nullcontext()
     if amp not in _DTYPES:
         raise SpineError(f"{key} {amp!r}: expected '', 'fp16' or 'bf16'")
-    if scope not in AMP_SCOPES:
-        raise SpineError(f"{key}_SCOPE {scope!r}: expected one of {', '.join(AMP_SCOPES)}")
     if scope == "features":
         if model is None:
             raise SpineError(f"{key}_SCOPE 'features' needs the model")
