@@ -44,6 +44,8 @@ _SUMMARY_KEYS = (
     "mean_dice",
     "mean_iou",
     "level_accuracy",
+    "recall_whole",
+    "recall_truncated",
     "images_with_miss",
     "num_images",
     "num_gt",
@@ -65,6 +67,10 @@ class VertebraEvaluator(DatasetEvaluator):
       ``num_gt``, ``num_pred`` (predictions at or above ``score_thresh``).
     - ``recall/<level>`` (e.g. ``recall/T12``) for every level seen in the GT, in level order.
     - ``recall/<class>`` per class when the dataset has more than one class.
+    - ``recall_whole`` / ``recall_truncated`` (and ``num_truncated``) when the GT says which
+      vertebrae are ``truncated`` (cut by the image border or, in the built-in DRRs, by the CT's
+      field of view): a fragment is a different question from a whole vertebra missed, and
+      ``recall`` alone hides which one a model gets wrong. ``recall`` still counts both.
     - ``level_accuracy``: among matched pairs whose GT has a level and whose prediction carries
       one, the fraction with the same level. Predicted levels come from an optional
       ``output["pred_levels"]`` (list of str, one per instance, before score filtering) or from
@@ -197,6 +203,7 @@ class VertebraEvaluator(DatasetEvaluator):
         ious, level_hits, level_pairs = [], 0, 0
         gt_by_level, found_by_level = defaultdict(int), defaultdict(int)
         gt_by_class, found_by_class = defaultdict(int), defaultdict(int)
+        gt_by_trunc, found_by_trunc = defaultdict(int), defaultdict(int)
         num_gt = num_pred = images_with_miss = 0
         per_image = []
 
@@ -225,6 +232,10 @@ class VertebraEvaluator(DatasetEvaluator):
                 if lvl is not None:
                     gt_by_level[lvl] += 1
                     found_by_level[lvl] += g in matched_gt
+            for g, trunc in enumerate(gt["truncated"]):
+                if trunc is not None:
+                    gt_by_trunc[trunc] += 1
+                    found_by_trunc[trunc] += g in matched_gt
             if pred["levels"] is not None:
                 for g, p, _ in main:
                     if gt["levels"][g] is not None and pred["levels"][p] is not None:
@@ -252,6 +263,10 @@ class VertebraEvaluator(DatasetEvaluator):
         )
         if level_pairs:
             results["level_accuracy"] = level_hits / level_pairs
+        if gt_by_trunc:
+            results["recall_whole"] = _ratio(found_by_trunc[False], gt_by_trunc[False])
+            results["recall_truncated"] = _ratio(found_by_trunc[True], gt_by_trunc[True])
+            results["num_truncated"] = float(gt_by_trunc[True])
         results.update(
             images_with_miss=float(images_with_miss),
             num_images=float(len(self._gt)),
@@ -349,7 +364,7 @@ def _on_crowd(gt, pred, matched, thresh):
 
 
 def _load_ground_truth(dataset_name):
-    """image_id -> {"size", "rles", "classes", "levels", "crowd_rles", "crowd_classes"}."""
+    """image_id -> {"size", "rles", "classes", "levels", "truncated", "crowd_rles", "crowd_classes"}."""
     gt = OrderedDict()
     for record in DatasetCatalog.get(dataset_name):
         h, w = int(record["height"]), int(record["width"])
@@ -358,6 +373,7 @@ def _load_ground_truth(dataset_name):
             "rles": [],
             "classes": [],
             "levels": [],
+            "truncated": [],
             "crowd_rles": [],
             "crowd_classes": [],
         }
@@ -371,6 +387,8 @@ def _load_ground_truth(dataset_name):
             entry["classes"].append(int(ann["category_id"]))
             level = ann.get("level")
             entry["levels"].append(None if level is None else str(level))
+            trunc = ann.get("truncated")
+            entry["truncated"].append(None if trunc is None else bool(trunc))
         gt[record["image_id"]] = entry
     return gt
 

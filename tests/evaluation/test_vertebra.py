@@ -227,3 +227,23 @@ def test_level_accuracy_from_instances_pred_levels_indices():
         ev = VertebraEvaluator(name, levels=LEVELS, model_levels=LEVELS)
         m = run(ev, [0, 1], [out, prediction(masks)])["vertebra"]
     assert m["level_accuracy"] == 3 / 4  # L1 labelled L2
+
+
+def test_recall_split_into_whole_and_truncated_vertebrae():
+    # Image 0: the top vertebra is a truncated fragment and is missed, and L1 (whole) is missed;
+    # image 1 is found entirely. Whole: 5 of 6 found, truncated: 1 of 2.
+    records = two_images()
+    for rec in records:
+        for k, ann in enumerate(rec["annotations"]):
+            ann["truncated"] = k == 0
+    masks = [rect_mask(*r) for r in RECTS]
+    outputs = [prediction([masks[1], masks[3]]), prediction(masks)]
+    with registered(records) as name:
+        m = run(VertebraEvaluator(name), [0, 1], outputs)["vertebra"]
+    assert m["recall"] == 6 / 8
+    assert m["recall_whole"] == 5 / 6
+    assert m["recall_truncated"] == 1 / 2
+    assert m["num_truncated"] == 2.0
+    with registered(two_images()) as name:  # no truncated attribute: no split reported
+        m = run(VertebraEvaluator(name), [0, 1], outputs)["vertebra"]
+    assert "recall_whole" not in m and "recall_truncated" not in m
