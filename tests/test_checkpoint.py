@@ -109,6 +109,63 @@ def test_package_weights_tool_refuses_a_run_without_its_files(tmp_path):
     assert not (tmp_path / "w.pth").exists()
 
 
+def _fake_run(train, iters, lr, eval_minutes, start="12/01 10:00:00"):
+    """A training OUTPUT_DIR as detectron2 leaves it: config dump, metrics.json, log.txt."""
+    train.mkdir()
+    (train / "config.yaml").write_text(
+        f"SOLVER:\n  IMS_PER_BATCH: 2\n  BASE_LR: {lr}\n  LR_SCHEDULER_NAME: WarmupCosineLR\n"
+    )
+    rows = [{"iteration": i, "total_loss": 3.0 - i / iters} for i in range(9, iters, 10)]
+    rows.append({"iteration": iters - 1, "segm/AP50": 50.0 + iters / 100, "segm/AP": 20.0})
+    (train / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    h, m = divmod(eval_minutes, 60)
+    (train / "log.txt").write_text(
+        f"[{start} d2.engine.train_loop]: Starting training from iteration 0\n"
+        f"[12/01 {10 + h:02d}:{m:02d}:00 d2.evaluation.testing]: Evaluation results for x in "
+        "csv format:\n"
+    )
+
+
+def test_package_weights_tool_adds_up_the_stages_of_a_staged_run(tmp_path):
+    import subprocess
+    import sys
+
+    s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
+    _fake_run(s1, 500, 2e-4, 30)
+    _fake_run(s2, 300, 1e-4, 20)
+    model = nn.Linear(4, 3)
+    torch.save({"model": model.state_dict()}, s2 / "model_final.pth")
+    dataset = tmp_path / "data"
+    dataset.mkdir()
+    (dataset / "meta.json").write_text(json.dumps({"version": "1.1", "seed": 0}))
+    out = tmp_path / "w.pth"
+    base = [sys.executable, "tools/package_weights.py", "--dataset", str(dataset), "--out", str(out)]
+    run = subprocess.run(
+        base + ["--train-dir", str(s1), "--train-dir", str(s2), "--config-file", "one.yaml"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2 and "2 --train-dir but 1 --config-file" in run.stderr
+    assert not out.exists()
+    run = subprocess.run(
+        base + ["--train-dir", str(s1), "--train-dir", str(s2),
+                "--config-file", "one.yaml", "--config-file", "two.yaml"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    m = json.loads(out.with_suffix(".json").read_text())
+    assert (m["iterations"], m["wall_time_s"], m["config"]) == (800, 3000, "two.yaml")
+    assert [(s["iterations"], s["wall_time_s"], s["base_lr"]) for s in m["stages"]] == [
+        (500, 1800, 2e-4),
+        (300, 1200, 1e-4),
+    ]
+    # The second stage's evaluation lands after the first stage's iterations and minutes.
+    assert [(c["stage"], c["iteration"], c["wall_minutes"]) for c in m["training_curve"]] == [
+        (1, 500, 30.0),
+        (2, 800, 50.0),
+    ]
+    assert m["final_total_loss"] == pytest.approx(3.0 - 299 / 300)
+
+
 def test_feature_scope_autocast_keeps_the_heads_in_fp32():
     """AMP scope 'features': backbone and RPN head under bf16, ROI heads on fp32 features,
     and no hook left on the model afterwards."""

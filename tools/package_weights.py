@@ -2,8 +2,15 @@
 """Package a trained model as the shipped checkpoint: fp16 weights + manifest (weights/).
 
     python tools/package_weights.py --train-dir output/pretrained_r18 \
+        --train-dir output/pretrained_r18_stage2 \
+        --config-file configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage1_cpu.yaml \
+        --config-file configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage2_cpu.yaml \
         --eval output/pretrained_r18_eval_fp16/inference/eval_results.json \
         --out weights/spine_mask_rcnn_R_18_FPN_drr.pth
+
+A model trained in stages (each a new cosine cycle from the last one's final model) is given as
+one --train-dir per stage, in order, with one --config-file each; the weights are the last
+stage's, iterations and wall time add up, and the training curve runs on across the stages.
 
 The manifest records the sha256 (checked before every load), the config, the dataset's
 generator version, seed and digest, iterations, wall time, hardware, the training curve of the
@@ -42,6 +49,27 @@ def _log_times(log_txt: Path) -> tuple:
     return start, evals
 
 
+DEFAULT_CONFIG = "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml"
+STAGE_FILES = ("config.yaml", "metrics.json", "log.txt")
+
+
+def _stage(train: Path) -> dict:
+    """Iterations, wall time, last logged losses, config and eval curve of one training run."""
+    rows = read_metrics(train / "metrics.json")
+    curve = training_curve(rows)
+    start, evals = _log_times(train / "log.txt")
+    for point, t in zip(curve, evals):
+        point["wall_minutes"] = round((t - start).total_seconds() / 60, 1) if start else None
+    losses = [r for r in rows if "total_loss" in r]
+    return {
+        "curve": curve,
+        "iterations": max((r["iteration"] for r in losses), default=-1) + 1,
+        "last": max(losses, key=lambda r: r["iteration"], default={}),
+        "wall_time_s": round((evals[-1] - start).total_seconds()) if start and evals else None,
+        "cfg": yaml.safe_load((train / "config.yaml").read_text()),
+    }
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -54,14 +82,20 @@ def _cpu_model() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-dir", required=True, help="OUTPUT_DIR of the training run")
-    ap.add_argument("--checkpoint", help="default: <train-dir>/model_final.pth")
+    ap.add_argument(
+        "--train-dir",
+        required=True,
+        action="append",
+        help="OUTPUT_DIR of the training run; once per stage, in order",
+    )
+    ap.add_argument("--checkpoint", help="default: <last train-dir>/model_final.pth")
     ap.add_argument("--eval", help="eval_results.json of the packaged weights on the test split")
     ap.add_argument("--dataset", default="datasets/spine_drr", help="the training data's folder")
     ap.add_argument(
         "--config-file",
-        default="configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml",
-        help="the config the run was started with (its full dump is <train-dir>/config.yaml)",
+        action="append",
+        help="the config each stage was started with, in order (its full dump is "
+        f"<train-dir>/config.yaml); default: {DEFAULT_CONFIG}",
     )
     ap.add_argument("--command", default="make train-pretrained", help="how the run was made")
     ap.add_argument("--out", required=True)
@@ -69,24 +103,46 @@ def main(argv=None) -> int:
 
     import torch
 
-    train = Path(args.train_dir)
-    ckpt = Path(args.checkpoint or train / "model_final.pth")
-    for p in (ckpt, train / "config.yaml", train / "metrics.json", train / "log.txt"):
+    train_dirs = [Path(d) for d in args.train_dir]
+    configs = args.config_file or [DEFAULT_CONFIG]
+    if len(configs) != len(train_dirs):
+        print(
+            f"package_weights: error: {len(train_dirs)} --train-dir but {len(configs)} "
+            "--config-file (give one config per stage)",
+            file=sys.stderr,
+        )
+        return 2
+    ckpt = Path(args.checkpoint or train_dirs[-1] / "model_final.pth")
+    needed = [ckpt] + [train / n for train in train_dirs for n in STAGE_FILES]
+    for p in needed:
         if not p.is_file():
             print(f"package_weights: error: {p}: no such file", file=sys.stderr)
             return 2
-    rows = read_metrics(train / "metrics.json")
-    curve = training_curve(rows)
-    start, evals = _log_times(train / "log.txt")
-    for point, t in zip(curve, evals):
-        point["wall_minutes"] = round((t - start).total_seconds() / 60, 1) if start else None
-    iters = max((r["iteration"] for r in rows if "total_loss" in r), default=-1) + 1
-    last = max((r for r in rows if "total_loss" in r), key=lambda r: r["iteration"], default={})
+    stages, curve, iters, wall, last = [], [], 0, 0, {}
+    for k, (train, config) in enumerate(zip(train_dirs, configs)):
+        st = _stage(train)
+        for point in st["curve"]:
+            point = dict(point, stage=k + 1, iteration=point["iteration"] + iters)
+            if point.get("wall_minutes") is not None:
+                point["wall_minutes"] = round(point["wall_minutes"] + wall / 60, 1)
+            curve.append(point)
+        stages.append(
+            {
+                "config": config,
+                "train_dir": str(train),
+                "iterations": st["iterations"],
+                "wall_time_s": st["wall_time_s"],
+                "base_lr": st["cfg"]["SOLVER"]["BASE_LR"],
+                "lr_scheduler": st["cfg"]["SOLVER"]["LR_SCHEDULER_NAME"],
+            }
+        )
+        iters += st["iterations"]
+        wall += st["wall_time_s"] or 0
+        last, run_cfg = st["last"], st["cfg"]
     meta = json.loads((Path(args.dataset) / "meta.json").read_text())
-    run_cfg = yaml.safe_load((train / "config.yaml").read_text())
     fields = {
-        "config": args.config_file,
-        "config_dump": (train / "config.yaml").name,
+        "config": configs[-1],
+        "config_dump": (train_dirs[-1] / "config.yaml").name,
         "dataset": {
             "name": "spine_drr (built-in DRR data, default preset)",
             "generator_version": meta.get("version"),
@@ -97,7 +153,7 @@ def main(argv=None) -> int:
         "iterations": iters,
         "images_per_iteration": run_cfg["SOLVER"]["IMS_PER_BATCH"],
         "final_total_loss": last.get("total_loss"),
-        "wall_time_s": round((evals[-1] - start).total_seconds()) if start and evals else None,
+        "wall_time_s": wall or None,
         "hardware": {
             "cpu": _cpu_model(),
             "cores": os.cpu_count(),
@@ -106,6 +162,7 @@ def main(argv=None) -> int:
             "precision": "bfloat16 autocast (training), weights stored fp16",
         },
         "command": args.command,
+        "stages": stages,
         "training_curve": curve,
         "metrics_test_split": json.loads(Path(args.eval).read_text()) if args.eval else None,
     }
