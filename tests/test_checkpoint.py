@@ -139,7 +139,14 @@ def test_package_weights_tool_adds_up_the_stages_of_a_staged_run(tmp_path):
     dataset.mkdir()
     (dataset / "meta.json").write_text(json.dumps({"version": "1.1", "seed": 0}))
     out = tmp_path / "w.pth"
-    base = [sys.executable, "tools/package_weights.py", "--dataset", str(dataset), "--out", str(out)]
+    base = [
+        sys.executable,
+        "tools/package_weights.py",
+        "--dataset",
+        str(dataset),
+        "--out",
+        str(out),
+    ]
     run = subprocess.run(
         base + ["--train-dir", str(s1), "--train-dir", str(s2), "--config-file", "one.yaml"],
         capture_output=True, text=True,
