@@ -226,16 +226,18 @@ class VertebraEvaluator(DatasetEvaluator):
             images_with_miss += len(main) < len(gt["rles"])
             ious.extend(iou for _, _, iou in main)
             matched_gt = {g for g, _, _ in main}
-            for g, (cls, lvl) in enumerate(zip(gt["classes"], gt["levels"])):
+            for g, (cls, lvl, trunc) in enumerate(
+                zip(gt["classes"], gt["levels"], gt["truncated"])
+            ):
+                found_g = g in matched_gt
                 gt_by_class[cls] += 1
-                found_by_class[cls] += g in matched_gt
+                found_by_class[cls] += found_g
                 if lvl is not None:
                     gt_by_level[lvl] += 1
-                    found_by_level[lvl] += g in matched_gt
-            for g, trunc in enumerate(gt["truncated"]):
+                    found_by_level[lvl] += found_g
                 if trunc is not None:
                     gt_by_trunc[trunc] += 1
-                    found_by_trunc[trunc] += g in matched_gt
+                    found_by_trunc[trunc] += found_g
             if pred["levels"] is not None:
                 for g, p, _ in main:
                     if gt["levels"][g] is not None and pred["levels"][p] is not None:
@@ -364,7 +366,8 @@ def _on_crowd(gt, pred, matched, thresh):
 
 
 def _load_ground_truth(dataset_name):
-    """image_id -> {"size", "rles", "classes", "levels", "truncated", "crowd_rles", "crowd_classes"}."""
+    """image_id -> {"size", "rles", "classes", "levels", "truncated", "crowd_rles",
+    "crowd_classes"}; the per-GT lists are aligned, None where an attribute is absent."""
     gt = OrderedDict()
     for record in DatasetCatalog.get(dataset_name):
         h, w = int(record["height"]), int(record["width"])
