@@ -153,6 +153,15 @@ def test_package_weights_tool_adds_up_the_stages_of_a_staged_run(tmp_path):
     )  # fmt: skip
     assert run.returncode == 2 and "2 --train-dir but 1 --config-file" in run.stderr
     assert not out.exists()
+    two_stages = ["--train-dir", str(s1), "--train-dir", str(s2)]
+    two_stages += ["--config-file", "one.yaml", "--config-file", "two.yaml"]
+    run = subprocess.run(
+        base[:3] + [str(tmp_path / "nodata")] + base[4:] + two_stages,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip().endswith("nodata/meta.json: no such file")
+    assert not out.exists()
     run = subprocess.run(
         base + ["--train-dir", str(s1), "--train-dir", str(s2),
                 "--config-file", "one.yaml", "--config-file", "two.yaml"],

@@ -114,6 +114,7 @@ def main(argv=None) -> int:
         return 2
     ckpt = Path(args.checkpoint or train_dirs[-1] / "model_final.pth")
     needed = [ckpt] + [train / n for train in train_dirs for n in STAGE_FILES]
+    needed.append(Path(args.dataset) / "meta.json")
     for p in needed:
         if not p.is_file():
             print(f"package_weights: error: {p}: no such file", file=sys.stderr)
