@@ -92,21 +92,23 @@ enhance: $(VENV)/.installed  ## enhance every low-dose scan of ENHANCE_PAIRS wit
 	@test -f $(ENHANCE_MANIFEST) || { echo "No export manifest at $(ENHANCE_MANIFEST): run 'make export' first."; exit 1; }
 	$(PY) tools/enhance_scan.py --pairs $(ENHANCE_PAIRS) --out $(ENHANCE_OUTPUT) --low-manifest $(ENHANCE_MANIFEST) --high-manifest $(ENHANCE_MANIFEST)
 
-# The shipped checkpoint: the CPU recipe on the default built-in data in two cosine cycles (stage 2
-# widens the mask head; configs/pretrain/), resumable (re-run after an interruption), evaluated
-# as fp16, packaged into weights/.
+# The shipped checkpoint: the CPU recipe on the default built-in data in three cosine cycles
+# (stage 2 widens the mask head; configs/pretrain/), resumable (re-run after an interruption),
+# evaluated as fp16, packaged into weights/.
 PRETRAIN_DIR ?= output/pretrained_r18
 WEIGHTS_OUT ?= weights/spine_mask_rcnn_R_18_FPN_drr.pth
 PRETRAIN_STAGE1 := configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage1_cpu.yaml
 PRETRAIN_STAGE2 := configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage2_cpu.yaml
-PRETRAIN_PACK = --train-dir $(PRETRAIN_DIR) --train-dir $(PRETRAIN_DIR)_stage2 \
-	--config-file $(PRETRAIN_STAGE1) --config-file $(PRETRAIN_STAGE2)
-train-pretrained: $(VENV)/.installed  ## train (two stages), evaluate and package the shipped checkpoint (~2.7 h on 2 cores)
+PRETRAIN_STAGE3 := configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage3_cpu.yaml
+PRETRAIN_PACK = --train-dir $(PRETRAIN_DIR) --train-dir $(PRETRAIN_DIR)_stage2 --train-dir $(PRETRAIN_DIR)_stage3 \
+	--config-file $(PRETRAIN_STAGE1) --config-file $(PRETRAIN_STAGE2) --config-file $(PRETRAIN_STAGE3)
+train-pretrained: $(VENV)/.installed  ## train (three stages), evaluate and package the shipped checkpoint (~4 h on 2 cores)
 	@test -f $(DETECTRON2_DATASETS)/spine_drr/train.json || { echo "The built-in dataset is missing: run 'make data' first."; exit 1; }
 	$(PY) tools/train_net.py --config-file $(PRETRAIN_STAGE1) --resume OUTPUT_DIR $(PRETRAIN_DIR)
 	$(PY) tools/train_net.py --config-file $(PRETRAIN_STAGE2) --resume MODEL.WEIGHTS $(PRETRAIN_DIR)/model_final.pth OUTPUT_DIR $(PRETRAIN_DIR)_stage2
+	$(PY) tools/train_net.py --config-file $(PRETRAIN_STAGE3) --resume MODEL.WEIGHTS $(PRETRAIN_DIR)_stage2/model_final.pth OUTPUT_DIR $(PRETRAIN_DIR)_stage3
 	$(PY) tools/package_weights.py $(PRETRAIN_PACK) --out $(WEIGHTS_OUT)
-	$(PY) tools/train_net.py --config-file $(PRETRAIN_STAGE2) --eval-only MODEL.WEIGHTS $(WEIGHTS_OUT) SPINE.EVAL.AMP '""' OUTPUT_DIR $(PRETRAIN_DIR)_eval_fp16
+	$(PY) tools/train_net.py --config-file $(PRETRAIN_STAGE3) --eval-only MODEL.WEIGHTS $(WEIGHTS_OUT) SPINE.EVAL.AMP '""' OUTPUT_DIR $(PRETRAIN_DIR)_eval_fp16
 	$(PY) tools/package_weights.py $(PRETRAIN_PACK) --out $(WEIGHTS_OUT) --eval $(PRETRAIN_DIR)_eval_fp16/inference/eval_results.json
 
 BENCH_ARGS ?=

@@ -137,7 +137,7 @@ def test_package_weights_tool_adds_up_the_stages_of_a_staged_run(tmp_path):
     torch.save({"model": model.state_dict()}, s2 / "model_final.pth")
     dataset = tmp_path / "data"
     dataset.mkdir()
-    (dataset / "meta.json").write_text(json.dumps({"version": "1.1", "seed": 0}))
+    (dataset / "meta.json").write_text(json.dumps({"version": "1.1", "seed": 0, "digest": "aaa"}))
     out = tmp_path / "w.pth"
     base = [
         sys.executable,
@@ -180,6 +180,36 @@ def test_package_weights_tool_adds_up_the_stages_of_a_staged_run(tmp_path):
         (2, 800, 50.0),
     ]
     assert m["final_total_loss"] == pytest.approx(3.0 - 299 / 300)
+    assert [s["dataset_digest"] for s in m["stages"]] == ["aaa", "aaa"]
+
+    # A third stage from the shipped file, on regenerated data, with only its own run folder.
+    s3 = tmp_path / "stage3"
+    _fake_run(s3, 400, 1e-4, 40)
+    torch.save({"model": model.state_dict()}, s3 / "model_final.pth")
+    (dataset / "meta.json").write_text(json.dumps({"version": "1.1", "seed": 0, "digest": "bbb"}))
+    out3 = tmp_path / "w3.pth"
+    third = base[:5] + [str(out3), "--train-dir", str(s3), "--config-file", "three.yaml"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    run = subprocess.run(third + ["--continue-from", str(bad)], capture_output=True, text=True)
+    assert run.returncode == 2 and "bad.json: not a manifest" in run.stderr
+    assert not out3.exists()
+    manifest = str(out.with_suffix(".json"))
+    run = subprocess.run(third + ["--continue-from", manifest], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    m3 = json.loads(out3.with_suffix(".json").read_text())
+    assert (m3["iterations"], m3["wall_time_s"], m3["config"]) == (1200, 5400, "three.yaml")
+    assert [(s["config"], s["dataset_digest"]) for s in m3["stages"]] == [
+        ("one.yaml", "aaa"),
+        ("two.yaml", "aaa"),
+        ("three.yaml", "bbb"),
+    ]
+    assert m3["dataset"]["digest"] == "bbb"
+    assert [(c["stage"], c["iteration"], c["wall_minutes"]) for c in m3["training_curve"]] == [
+        (1, 500, 30.0),
+        (2, 800, 50.0),
+        (3, 1200, 90.0),
+    ]
 
 
 def test_feature_scope_autocast_keeps_the_heads_in_fp32():

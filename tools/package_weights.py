@@ -12,6 +12,10 @@ A model trained in stages (each a new cosine cycle from the last one's final mod
 one --train-dir per stage, in order, with one --config-file each; the weights are the last
 stage's, iterations and wall time add up, and the training curve runs on across the stages.
 
+A new stage trained from an already shipped checkpoint (whose run folders are long gone) is
+packaged with --continue-from <its manifest>: the manifest's stages, iterations, wall time and
+curve come first, and each stage records the digest of the dataset it was trained on.
+
 The manifest records the sha256 (checked before every load), the config, the dataset's
 generator version, seed and digest, iterations, wall time, hardware, the training curve of the
 run's periodic test-split evaluations (wall minutes from log.txt) and the test-split metrics
@@ -70,6 +74,15 @@ def _stage(train: Path) -> dict:
     }
 
 
+def _earlier_stages(manifest_path: Path) -> tuple:
+    """(stages, curve, iterations, wall seconds) of a shipped checkpoint's manifest; stages that
+    predate per-stage digests take the manifest's dataset digest."""
+    m = json.loads(manifest_path.read_text())
+    digest = m["dataset"]["digest"]
+    stages = [dict({"dataset_digest": digest}, **s) for s in m["stages"]]
+    return stages, list(m["training_curve"]), int(m["iterations"]), int(m["wall_time_s"] or 0)
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -98,6 +111,11 @@ def main(argv=None) -> int:
         f"<train-dir>/config.yaml); default: {DEFAULT_CONFIG}",
     )
     ap.add_argument("--command", default="make train-pretrained", help="how the run was made")
+    ap.add_argument(
+        "--continue-from",
+        metavar="MANIFEST",
+        help="manifest of the shipped checkpoint the first --train-dir started from",
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -115,15 +133,26 @@ def main(argv=None) -> int:
     ckpt = Path(args.checkpoint or train_dirs[-1] / "model_final.pth")
     needed = [ckpt] + [train / n for train in train_dirs for n in STAGE_FILES]
     needed.append(Path(args.dataset) / "meta.json")
+    if args.continue_from:
+        needed.append(Path(args.continue_from))
     for p in needed:
         if not p.is_file():
             print(f"package_weights: error: {p}: no such file", file=sys.stderr)
             return 2
+    meta = json.loads((Path(args.dataset) / "meta.json").read_text())
     stages, curve, iters, wall, last = [], [], 0, 0, {}
+    if args.continue_from:
+        try:
+            stages, curve, iters, wall = _earlier_stages(Path(args.continue_from))
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"package_weights: error: {args.continue_from}: not a manifest ({e})",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    first = len(stages)
     for k, (train, config) in enumerate(zip(train_dirs, configs)):
         st = _stage(train)
         for point in st["curve"]:
-            point = dict(point, stage=k + 1, iteration=point["iteration"] + iters)
+            point = dict(point, stage=first + k + 1, iteration=point["iteration"] + iters)
             if point.get("wall_minutes") is not None:
                 point["wall_minutes"] = round(point["wall_minutes"] + wall / 60, 1)
             curve.append(point)
@@ -135,12 +164,12 @@ def main(argv=None) -> int:
                 "wall_time_s": st["wall_time_s"],
                 "base_lr": st["cfg"]["SOLVER"]["BASE_LR"],
                 "lr_scheduler": st["cfg"]["SOLVER"]["LR_SCHEDULER_NAME"],
+                "dataset_digest": meta.get("digest"),
             }
         )
         iters += st["iterations"]
         wall += st["wall_time_s"] or 0
         last, run_cfg = st["last"], st["cfg"]
-    meta = json.loads((Path(args.dataset) / "meta.json").read_text())
     fields = {
         "config": configs[-1],
         "config_dump": (train_dirs[-1] / "config.yaml").name,

@@ -71,7 +71,10 @@ class DrrParams:
     num_train: int = 2000
     num_val: int = 200
     num_test: int = 300  # test images; half are high-dose pose A, half low-dose pose B (pairs)
-    views_train: int = 8  # base 3D views rendered per split (cached)
+    # Base 3D views rendered per split (cached). 32 training views, not 8: a model trained on 8
+    # views of the one CT scored segm AP 55.9 / AP75 67.7 / level accuracy 0.99 on scans of
+    # those views and 35.7 / 18.2 / 0.85 on the unseen test views (checkpoint v2).
+    views_train: int = 32
     views_val: int = 2
     views_test: int = 3
     size: int = 512  # output scans are size x size
