@@ -37,6 +37,15 @@ HEADLINES = {
          ("psnr_gain_vs_denoiser_db", "PSNR gain vs NLM (dB)"),
          ("ms_per_vertebra", "registration ms per vertebra")],
     ),
+    "bench_views": (
+        "python benchmarks/bench_views.py",
+        [("train_views", "training views of the generator"),
+         ("seen_views.segm.AP", "segm AP, fresh scans of training views"),
+         ("unseen_views_test_split.segm.AP", "segm AP, spine_drr_test (unseen views)"),
+         ("seen_views.vertebra.recall", "recall, training views"),
+         ("unseen_views_test_split.vertebra.recall", "recall, unseen views"),
+         ("gap_seen_minus_unseen.vertebra.level_accuracy", "level accuracy gap, seen - unseen")],
+    ),
     "bench_drr": (
         "python benchmarks/bench_drr.py",
         [("base_view_render_s", "DRR base view render (s)"),
