@@ -30,6 +30,7 @@ from collections import defaultdict
 
 import cv2
 import numpy as np
+from summarize import write_result  # benchmarks/ is on sys.path when run as a script
 from tqdm import tqdm
 
 from spine_d2.align import enhance_pair, side_by_side, vertebrae_from_coco, vertebrae_from_manifest
@@ -381,12 +382,10 @@ def main(argv=None) -> dict:
         },
     }
     result = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
-    line = json.dumps(result)
-    print(line)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(line + "\n")
+        write_result(result, args.out)
+    else:
+        print(json.dumps(result))
     return result
 
 

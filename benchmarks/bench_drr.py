@@ -12,12 +12,13 @@ Prints one JSON line and saves it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from summarize import write_result  # benchmarks/ is on sys.path when run as a script
 
 
 def main(argv=None) -> dict:
@@ -54,10 +55,7 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
-    line = json.dumps(result)
-    print(line)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Path(args.out).write_text(line + "\n")
+    write_result(result, args.out)
     return result
 
 

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
+from summarize import write_result  # benchmarks/ is on sys.path when run as a script
 
 DEFAULT_CONFIG = "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml"
 SHIPPED_WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
@@ -237,11 +238,7 @@ def main(argv=None):
     result["peak_rss_children_mb"] = round(
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
     )
-    line = json.dumps(result)
-    print(line)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(line + "\n")
+    write_result(result, args.out)
     return 0
 
 

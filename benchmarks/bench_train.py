@@ -14,8 +14,6 @@ CPU / fp16 autocast on CUDA) is timed separately. Prints one JSON line and saves
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import time
@@ -23,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from summarize import write_result  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 
 DEFAULT_CONFIG = "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml"
@@ -193,10 +192,7 @@ def main():
     result["autocast_speedup_detectron2"] = round(
         fp32["s_per_step_detectron2"] / low["s_per_step_detectron2"], 3
     )
-    line = json.dumps(result)
-    print(line)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Path(args.out).write_text(line + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

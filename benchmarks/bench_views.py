@@ -26,6 +26,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from summarize import write_result  # benchmarks/ is on sys.path when run as a script
+
 CONFIG = "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml"
 WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
 KEYS = (
@@ -41,18 +43,15 @@ def seen_view_scans(out_dir: Path, views: int, scans: int, seed: int, data_root:
     from spine_d2.data import drr
 
     params = drr.PRESETS["default"]
-    n_views = views or params.views_train
     cache = data_root / "spine_drr" / "cache"
     ct = drr.load_ct(params, cache)
-    specs = drr.view_specs(replace(params, views_train=n_views), "train")
+    specs = drr.view_specs(replace(params, views_train=views), "train")
     bases = [drr.render_base_view(ct, s, params, cache) for s in specs]
     coco, _ = drr._split_scans(
         "train", bases, replace(params, seed=seed, num_train=scans), out_dir, progress=True
     )
     json_file = out_dir / "seen_views.json"
-    tmp = json_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(coco))
-    os.replace(tmp, json_file)
+    drr._write_json(json_file, coco)
     return json_file
 
 
@@ -87,9 +86,12 @@ def main(argv=None) -> dict:
     data_root = Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
     if not (data_root / "spine_drr" / "test.json").is_file():
         raise SystemExit(f"bench_views: {data_root}/spine_drr/test.json: missing (run make data)")
+    from spine_d2.data import drr
+
+    views = args.views or drr.PRESETS["default"].views_train
     work = Path(args.work)
     t0 = time.perf_counter()
-    json_file = seen_view_scans(work / "scans", args.views, args.scans, args.seed, data_root)
+    json_file = seen_view_scans(work / "scans", views, args.scans, args.seed, data_root)
     t_scans = time.perf_counter() - t0
     seen = evaluate("spine_bench_seen_views", json_file, work / "scans" / "images",
                     work / "eval_seen", args.config_file, args.weights)  # fmt: skip
@@ -103,13 +105,11 @@ def main(argv=None) -> dict:
         }
         for task, vals in seen.items()
     }
-    from spine_d2.data import drr
-
     result = {
         "bench": "views",
         "weights": args.weights,
         "config": args.config_file,
-        "train_views": args.views or drr.PRESETS["default"].views_train,
+        "train_views": views,
         "seen_view_scans": args.scans,
         "scan_seed": args.seed,
         "seen_views": seen,
@@ -117,10 +117,7 @@ def main(argv=None) -> dict:
         "gap_seen_minus_unseen": gap,
         "scan_generation_s": round(t_scans, 1),
     }
-    line = json.dumps(result)
-    print(line)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Path(args.out).write_text(line + "\n")
+    write_result(result, args.out)
     return result
 
 

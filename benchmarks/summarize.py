@@ -5,8 +5,23 @@ the headline figures, each with the command that made it."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+
+def write_result(result: dict, out) -> str:
+    """Print a benchmark's result as one JSON line and save it to ``out`` (temp + rename), the
+    format main() below reads back."""
+    line = json.dumps(result)
+    print(line)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(line + "\n")
+    os.replace(tmp, out)
+    return line
+
 
 # bench name -> (command, [(key, label)])
 HEADLINES = {
