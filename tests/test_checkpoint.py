@@ -194,6 +194,10 @@ def test_package_weights_tool_adds_up_the_stages_of_a_staged_run(tmp_path):
     run = subprocess.run(third + ["--continue-from", str(bad)], capture_output=True, text=True)
     assert run.returncode == 2 and "bad.json: not a manifest" in run.stderr
     assert not out3.exists()
+    missing = ["--continue-from", str(tmp_path / "gone.json")]
+    run = subprocess.run(third + missing, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().endswith("gone.json: no such file")
+    assert not out3.exists()
     manifest = str(out.with_suffix(".json"))
     run = subprocess.run(third + ["--continue-from", manifest], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
