@@ -79,6 +79,9 @@ def add_spine_config(cfg):
     _C.SPINE.LEVEL_HEAD.SCORE_THRESH = 0.5  # detections this confident are decoded jointly
     _C.SPINE.LEVEL_HEAD.SKIP_COST = 2.0  # nats per level skipped between neighbours (a miss)
     _C.SPINE.LEVEL_HEAD.REPEAT_COST = 4.0  # nats for one level on two neighbours (a duplicate)
+    # nats per squared level between a jump and the spacing ratio of two neighbours; 0 = off
+    # (helps on full-spine films, hurts on cropped DRR views: README, Real radiographs)
+    _C.SPINE.LEVEL_HEAD.SPACING_WEIGHT = 0.0
 
     # Training: "SGD" (detectron2's build_optimizer) or "ADAMW" (SOLVER.BASE_LR,
     # SOLVER.WEIGHT_DECAY, no decay on norms and biases). SOLVER.AMP.ENABLED on the CPU

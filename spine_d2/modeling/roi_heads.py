@@ -35,6 +35,7 @@ class LevelROIHeads(StandardROIHeads):
         level_score_thresh: float = 0.5,
         skip_cost: float = 2.0,
         repeat_cost: float = 4.0,
+        spacing_weight: float = 0.0,
         **kwargs,
     ):
         """
@@ -43,7 +44,7 @@ class LevelROIHeads(StandardROIHeads):
             level_loss_weight: weight of the level cross-entropy in the total loss.
             level_score_thresh: detections at or above this score take part in the decoding
                 along the spine; the others keep their own most likely level.
-            skip_cost, repeat_cost: see :func:`decode_levels`.
+            skip_cost, repeat_cost, spacing_weight: see :func:`decode_levels`.
             kwargs: StandardROIHeads' arguments.
         """
         super().__init__(**kwargs)
@@ -58,6 +59,7 @@ class LevelROIHeads(StandardROIHeads):
         self.level_score_thresh = level_score_thresh
         self.skip_cost = skip_cost
         self.repeat_cost = repeat_cost
+        self.spacing_weight = spacing_weight
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -69,6 +71,7 @@ class LevelROIHeads(StandardROIHeads):
             level_score_thresh=head.SCORE_THRESH,
             skip_cost=head.SKIP_COST,
             repeat_cost=head.REPEAT_COST,
+            spacing_weight=head.SPACING_WEIGHT,
         )
         return ret
 
@@ -109,7 +112,11 @@ class LevelROIHeads(StandardROIHeads):
         if len(confident) >= 2:
             centers = inst.pred_boxes[confident].get_centers().cpu().numpy()
             decoded = decode_levels(
-                centers, log_probs[confident].cpu().numpy(), self.skip_cost, self.repeat_cost
+                centers,
+                log_probs[confident].cpu().numpy(),
+                self.skip_cost,
+                self.repeat_cost,
+                self.spacing_weight,
             )
             levels[confident] = torch.as_tensor(decoded, device=levels.device)
         inst.pred_levels = levels

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["SpineOrder", "order_along_spine", "find_gaps", "assign_levels"]
+__all__ = ["SpineOrder", "order_along_spine", "find_gaps", "spacing_ratios", "assign_levels"]
 
 
 @dataclass
@@ -100,20 +100,33 @@ def order_along_spine(centroids, gap_factor: float = 1.6) -> SpineOrder:
     return SpineOrder(order, position, find_gaps(pts[order], gap_factor))
 
 
-def find_gaps(ordered: np.ndarray, gap_factor: float = 1.6, window: int = 2) -> list:
-    """[(k, missing)] where the spacing between ordered[k] and ordered[k+1] exceeds
-    ``gap_factor`` times the median of up to ``window`` spacings on each side of it."""
-    ordered = np.asarray(ordered, dtype=np.float64)
+def spacing_ratios(ordered: np.ndarray, window: int = 2) -> np.ndarray:
+    """Each spacing between consecutive ``ordered`` centroids divided by the median of up to
+    ``window`` spacings on each side of it (itself excluded): ~1 between neighbours, ~2 where
+    one vertebra between them was missed. NaN when there are fewer than 3 spacings, because
+    two cannot tell which one is the odd one out."""
+    ordered = np.asarray(ordered, dtype=np.float64).reshape(-1, 2)
     spacing = np.linalg.norm(np.diff(ordered, axis=0), axis=1)
-    if len(spacing) < 3:  # two spacings cannot tell which one is the odd one out
-        return []
-    gaps = []
+    ratios = np.full(len(spacing), np.nan)
+    if len(spacing) < 3:
+        return ratios
     for k, s in enumerate(spacing):
         near = np.concatenate([spacing[max(k - window, 0) : k], spacing[k + 1 : k + 1 + window]])
         ref = float(np.median(near))
-        if ref > 0 and s > gap_factor * ref:
-            gaps.append((k, max(int(round(s / ref)) - 1, 1)))
-    return gaps
+        if ref > 0:
+            ratios[k] = s / ref
+    return ratios
+
+
+def find_gaps(ordered: np.ndarray, gap_factor: float = 1.6, window: int = 2) -> list:
+    """[(k, missing)] where the spacing between ordered[k] and ordered[k+1] exceeds
+    ``gap_factor`` times the median of up to ``window`` spacings on each side of it."""
+    ratios = spacing_ratios(ordered, window)
+    return [
+        (k, max(int(round(r)) - 1, 1))
+        for k, r in enumerate(ratios)
+        if np.isfinite(r) and r > gap_factor
+    ]
 
 
 def assign_levels(n: int, gaps: list, levels: list, anchor: str, anchor_at: str = "top") -> list:

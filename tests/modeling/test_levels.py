@@ -49,6 +49,24 @@ def test_strong_evidence_allows_a_skipped_level_and_a_lone_detection_takes_argma
     assert decode_levels(np.zeros((0, 2)), np.zeros((0, 24))).shape == (0,)
 
 
+def test_spacing_weight_puts_the_skip_where_the_geometry_shows_the_missed_vertebra():
+    rng = np.random.default_rng(3)
+    true = np.array([4, 5, 6, 8, 9])  # level 7 missed: a double spacing between 6 and 8
+    centers = np.delete(_curved_spine(6), 3, axis=0)
+    lp = _log_probs(true, 24, confident=[0], rng=rng, noise=0.1)  # only the top one is sure
+    # the classifier alone cannot see the miss: the chain stays contiguous below level 4
+    np.testing.assert_array_equal(decode_levels(centers, lp), [4, 5, 6, 7, 8])
+    np.testing.assert_array_equal(decode_levels(centers, lp, spacing_weight=8.0), true)
+    # even spacing: the same weight forbids a skip that the scores mildly prefer
+    even = _curved_spine(5)
+    lp_skip = _log_probs(np.array([4, 5, 6, 7, 8]), 24, confident=[0], rng=rng, noise=0.1)
+    lp_skip[4, 9] += 1.5
+    assert decode_levels(even, lp_skip, skip_cost=0.0)[4] == 9
+    np.testing.assert_array_equal(
+        decode_levels(even, lp_skip, skip_cost=0.0, spacing_weight=8.0), [4, 5, 6, 7, 8]
+    )
+
+
 def test_a_duplicate_detection_does_not_shift_the_levels_below_it():
     rng = np.random.default_rng(2)
     true = np.array([3, 4, 4, 5, 6, 7])  # the second T? detected twice
