@@ -61,6 +61,12 @@ HEADLINES = {
          ("unseen_views_test_split.vertebra.recall", "recall, unseen views"),
          ("gap_seen_minus_unseen.vertebra.level_accuracy", "level accuracy gap, seen - unseen")],
     ),
+    "bench_levels": (
+        "python benchmarks/bench_levels.py",
+        [("level_accuracy_by_spacing_weight.0", "level accuracy, spacing weight 0 (spine_drr_test)"),
+         ("level_accuracy_by_spacing_weight.8", "level accuracy, spacing weight 8"),
+         ("best_spacing_weight", "best spacing weight")],
+    ),
     "bench_drr": (
         "python benchmarks/bench_drr.py",
         [("base_view_render_s", "DRR base view render (s)"),

@@ -4,8 +4,9 @@ The level branch is one linear layer on the box head's features (the same featur
 and regress each box, so it costs almost nothing). It is trained on foreground proposals whose
 ground truth carries a level (``gt_level_ids`` from XrayDatasetMapper; -1 = unknown, ignored)
 and at inference it labels each detection; ``decode_levels`` then makes the confident ones
-agree along the spine. Detections gain ``pred_levels`` (indices into SPINE.LEVELS) and
-``level_scores`` (the probability of that level before decoding).
+agree along the spine. Detections gain ``pred_levels`` (indices into SPINE.LEVELS),
+``level_scores`` (the probability of that level before decoding) and ``level_log_probs``
+(N x len(SPINE.LEVELS), what the decoder saw: for calibration and benchmarks/bench_levels.py).
 """
 
 from __future__ import annotations
@@ -121,3 +122,4 @@ class LevelROIHeads(StandardROIHeads):
             levels[confident] = torch.as_tensor(decoded, device=levels.device)
         inst.pred_levels = levels
         inst.level_scores = log_probs.gather(1, levels[:, None])[:, 0].exp()
+        inst.level_log_probs = log_probs

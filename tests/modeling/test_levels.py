@@ -135,3 +135,7 @@ def test_label_levels_decodes_confident_detections_only(level_model):
     logits[3, 2] = 9.0  # the low-score one keeps its own argmax
     heads._label_levels(inst, logits)
     assert inst.pred_levels.tolist() == [10, 11, 12, 2]
+    # what the decoder saw is kept: log-probabilities over SPINE.LEVELS, argmax 10 on top
+    assert inst.level_log_probs.shape == (4, len(cfg.SPINE.LEVELS))
+    assert torch.allclose(inst.level_log_probs.exp().sum(1), torch.ones(4))
+    assert inst.level_log_probs[0].argmax() == 10

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Level decoding: level accuracy of one model's predictions decoded with several settings.
+
+Runs the model once on a test split, keeps what the level decoder sees for every detection at
+or above ``SPINE.LEVEL_HEAD.SCORE_THRESH`` (box centre, level log-probabilities over
+SPINE.LEVELS), matches detections to the ground truth as VertebraEvaluator does (one-to-one,
+mask IoU >= 0.5) and reports the level accuracy of the matched ones for each
+``SPINE.LEVEL_HEAD.SPACING_WEIGHT`` in ``--spacing-weights`` (README, CPU training recipe and
+levels). Choose a weight on a training split, confirm it on the test split.
+
+    python benchmarks/bench_levels.py        # checkpoint v3 on spine_drr_test
+    python benchmarks/bench_levels.py --config-file configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage1_cpu.yaml \\
+        --weights output/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage1_cpu/model_final.pth --dataset spine_aasce_val
+
+Prints one JSON line and saves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from summarize import write_result  # benchmarks/ is on sys.path when run as a script
+from tqdm import tqdm
+
+CONFIG = "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml"
+WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
+
+
+def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
+    """Per image: (centres, level log-probs, [(gt index, detection index)] matched at IoU 0.5,
+    gt level names) for the detections at or above ``score_thresh``."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from pycocotools import mask as mask_util
+
+    from spine_d2.engine.trainer import SpineTrainer
+    from spine_d2.evaluation.vertebra import _greedy_match, _load_ground_truth
+
+    model = SpineTrainer.build_model(cfg)
+    model.eval()
+    DetectionCheckpointer(model).load(weights)
+    gt = _load_ground_truth(dataset)
+    loader = SpineTrainer.build_test_loader(cfg, dataset)
+    items = []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=f"bench_levels {dataset}", unit="scan"):
+            inst = model(batch)[0]["instances"].to("cpu")
+            g = gt[batch[0]["image_id"]]
+            keep = (inst.scores >= score_thresh).nonzero().flatten()
+            inst = inst[keep]
+            if len(inst) == 0:
+                continue
+            masks = inst.pred_masks.numpy().astype(np.uint8)
+            rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+            pairs = _greedy_match(g["rles"], g["classes"], rles, inst.pred_classes.tolist())
+            items.append(
+                (
+                    inst.pred_boxes.get_centers().numpy(),
+                    inst.level_log_probs.numpy(),
+                    [(gi, p) for gi, p, iou in pairs if iou >= 0.5 and g["levels"][gi]],
+                    g["levels"],
+                )
+            )
+    return items
+
+
+def level_accuracy(items, levels, skip_cost, repeat_cost, spacing_weight) -> tuple:
+    from spine_d2.modeling.levels import decode_levels
+
+    hits = total = 0
+    for centres, log_probs, pairs, gt_levels in items:
+        decoded = decode_levels(centres, log_probs, skip_cost, repeat_cost, spacing_weight)
+        hits += sum(levels[decoded[p]] == gt_levels[gi] for gi, p in pairs)
+        total += len(pairs)
+    return (hits / total if total else float("nan")), total
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config-file", default=CONFIG)
+    ap.add_argument("--weights", default=WEIGHTS)
+    ap.add_argument("--dataset", default="spine_drr_test")
+    ap.add_argument("--spacing-weights", default="0,2,4,8,12,16")
+    ap.add_argument("--out", default="output/bench/bench_levels.json")
+    args = ap.parse_args(argv)
+
+    from spine_d2.engine.setup import build_config
+
+    cfg = build_config(args.config_file, ["MODEL.WEIGHTS", args.weights, "SPINE.EVAL.AMP", ""])
+    head = cfg.SPINE.LEVEL_HEAD
+    t0 = time.perf_counter()
+    items = collect(cfg, args.weights, args.dataset, head.SCORE_THRESH)
+    t_infer = time.perf_counter() - t0
+    weights = [float(w) for w in args.spacing_weights.split(",")]
+    by_weight, matched = {}, 0
+    for w in weights:
+        acc, matched = level_accuracy(items, list(cfg.SPINE.LEVELS), head.SKIP_COST,
+                                      head.REPEAT_COST, w)  # fmt: skip
+        by_weight[f"{w:g}"] = round(acc, 4)
+    best = max(by_weight, key=by_weight.get)
+    result = {
+        "bench": "levels",
+        "config": args.config_file,
+        "weights": args.weights,
+        "dataset": args.dataset,
+        "matched_vertebrae": matched,
+        "config_spacing_weight": head.SPACING_WEIGHT,
+        "level_accuracy_by_spacing_weight": by_weight,
+        "best_spacing_weight": float(best),
+        "best_level_accuracy": by_weight[best],
+        "inference_s": round(t_infer, 1),
+    }
+    write_result(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
