@@ -40,26 +40,26 @@ data-small: $(VENV)/.installed  ## the small preset (make demo) under $DETECTRON
 
 # Real radiographs: AASCE 2019 (research use only; read where it lies, never copied).
 AASCE_SRC ?= ../shared/data/aasce
-# The default for real data (the sim-to-real study's best arm, then two more cosine cycles).
-AASCE_STAGE1 := configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_scratch_cpu.yaml
-AASCE_STAGE2 := configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_stage2_cpu.yaml
-AASCE_CONFIG ?= configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_stage3_cpu.yaml
+# The default for real data: the shipped DRR checkpoint fine-tuned on the films (the study's
+# arm c'''), then one long cosine cycle (README, "The real-data default").
+AASCE_STAGE1 := configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage1_cpu.yaml
+AASCE_CONFIG ?= configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage2_cpu.yaml
 AASCE_DIR = $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(AASCE_CONFIG) | tail -1)
 data-aasce: $(VENV)/.installed  ## convert AASCE_SRC to COCO under $DETECTRON2_DATASETS/spine_aasce (split by patient)
 	$(PY) datasets/prepare_aasce.py --src $(AASCE_SRC)
 
-train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~1.8 h)
+train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~1.9 h)
 	@test -f $(DETECTRON2_DATASETS)/spine_aasce/train.json || { echo "The AASCE dataset is missing: run 'make data-aasce' first."; exit 1; }
 	$(PY) tools/train_net.py --config-file $(AASCE_STAGE1) --resume
-	$(PY) tools/train_net.py --config-file $(AASCE_STAGE2) --resume
 	$(PY) tools/train_net.py --config-file $(AASCE_CONFIG) --resume
 	@echo "Results: $(AASCE_DIR)/inference/eval_results.json"
 
 # The sim-to-real study (README, "Real radiographs"): three arms at equal iterations, one table.
+STUDY_A := configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_scratch_cpu.yaml
 STUDY_B := configs/aasce/spine_mask_rcnn_R_18_FPN_drr_body_cpu.yaml
 STUDY_C := configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_cpu.yaml
 study-aasce: $(VENV)/.installed  ## the three arms (needs make data-aasce and make data-parts), then the table (~1.5 h)
-	$(PY) tools/train_net.py --config-file $(AASCE_STAGE1) --resume
+	$(PY) tools/train_net.py --config-file $(STUDY_A) --resume
 	$(PY) tools/train_net.py --config-file $(STUDY_B) --resume
 	$(PY) tools/train_net.py --config-file $(STUDY_C) --resume
 	$(PY) tools/compare_runs.py --json output/aasce/study.json \
