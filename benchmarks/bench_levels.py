@@ -20,10 +20,21 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 from summarize import write_result  # benchmarks/ is on sys.path when run as a script
 from tqdm import tqdm
+
+
+def _weights(text: str) -> list:
+    """--spacing-weights: comma-separated numbers >= 0."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}")
+    if any(w < 0 for w in weights):
+        raise argparse.ArgumentTypeError(f"spacing weights must be >= 0: {text!r}")
+    return weights
+
 
 CONFIG = "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml"
 WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
@@ -33,10 +44,9 @@ def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
     """Per image: (centres, level log-probs, [(gt index, detection index)] matched at IoU 0.5,
     gt level names) for the detections at or above ``score_thresh``."""
     from detectron2.checkpoint import DetectionCheckpointer
-    from pycocotools import mask as mask_util
 
     from spine_d2.engine.trainer import SpineTrainer
-    from spine_d2.evaluation.vertebra import _greedy_match, _load_ground_truth
+    from spine_d2.evaluation.vertebra import _greedy_match, _load_ground_truth, masks_to_rles
 
     model = SpineTrainer.build_model(cfg)
     model.eval()
@@ -52,8 +62,7 @@ def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
             inst = inst[keep]
             if len(inst) == 0:
                 continue
-            masks = inst.pred_masks.numpy().astype(np.uint8)
-            rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+            rles = masks_to_rles(inst.pred_masks)
             pairs = _greedy_match(g["rles"], g["classes"], rles, inst.pred_classes.tolist())
             items.append(
                 (
@@ -82,7 +91,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--config-file", default=CONFIG)
     ap.add_argument("--weights", default=WEIGHTS)
     ap.add_argument("--dataset", default="spine_drr_test")
-    ap.add_argument("--spacing-weights", default="0,2,4,8,12,16")
+    ap.add_argument("--spacing-weights", type=_weights, default="0,2,4,8,12,16")
     ap.add_argument("--out", default="output/bench/bench_levels.json")
     args = ap.parse_args(argv)
 
@@ -93,9 +102,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     items = collect(cfg, args.weights, args.dataset, head.SCORE_THRESH)
     t_infer = time.perf_counter() - t0
-    weights = [float(w) for w in args.spacing_weights.split(",")]
     by_weight, matched = {}, 0
-    for w in weights:
+    for w in args.spacing_weights:
         acc, matched = level_accuracy(items, list(cfg.SPINE.LEVELS), head.SKIP_COST,
                                       head.REPEAT_COST, w)  # fmt: skip
         by_weight[f"{w:g}"] = round(acc, 4)

@@ -36,6 +36,11 @@ def build_config(config_file: str, opts=()):
             f"{config_file}: MODEL.PIXEL_MEAN has {len(cfg.MODEL.PIXEL_MEAN)} values but "
             f"INPUT.XRAY.CHANNELS is {cfg.INPUT.XRAY.CHANNELS}; they must agree"
         )
+    if cfg.SPINE.LEVEL_HEAD.SPACING_WEIGHT < 0:
+        raise SpineError(
+            f"{config_file}: SPINE.LEVEL_HEAD.SPACING_WEIGHT is "
+            f"{cfg.SPINE.LEVEL_HEAD.SPACING_WEIGHT}; it must be >= 0 (0 turns it off)"
+        )
     register_from_config(cfg)
     cfg.freeze()
     return cfg

@@ -153,10 +153,7 @@ class VertebraEvaluator(DatasetEvaluator):
                 raise ValueError(
                     f"image {inp['image_id']}: VertebraEvaluator needs pred_masks (a mask model)"
                 )
-            rles = []
-            if keep:
-                masks = instances.pred_masks[keep].numpy().astype(np.uint8)
-                rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+            rles = masks_to_rles(instances.pred_masks[keep]) if keep else []
             self._predictions.append(
                 {
                     "image_id": inp["image_id"],
@@ -327,6 +324,14 @@ def _ordered_levels(seen, order):
     """Levels seen in the GT, in anatomical order; unknown names after, alphabetically."""
     rank = {lvl: i for i, lvl in enumerate(order)}
     return sorted(seen, key=lambda lvl: (rank.get(lvl, len(rank)), lvl))
+
+
+def masks_to_rles(masks) -> list:
+    """COCO RLEs of N x H x W predicted masks (a tensor or array of bools or 0/1)."""
+    masks = np.asarray(masks, dtype=np.uint8)
+    if len(masks) == 0:
+        return []
+    return mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
 
 
 def _greedy_match(gt_rles, gt_classes, pred_rles, pred_classes):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..zoi.order import order_along_spine, spacing_ratios
+from ..zoi.order import order_along_spine
 
 __all__ = ["decode_levels"]
 
@@ -44,17 +44,17 @@ def decode_levels(
         spacing_weight: nats per squared level of disagreement between a jump and the spacing
             ratio of the two detections (``zoi.order.spacing_ratios``); 0 ignores spacing.
     """
+    if spacing_weight < 0:
+        raise ValueError(f"spacing_weight must be >= 0, got {spacing_weight}")
     log_probs = np.asarray(log_probs, dtype=np.float64)
     n, num_levels = log_probs.shape
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     if n == 1:
         return log_probs.argmax(1)
-    order = order_along_spine(np.asarray(centers, dtype=np.float64)).order
+    spine = order_along_spine(np.asarray(centers, dtype=np.float64))
+    order, ratios = spine.order, spine.ratios
     lp = log_probs[order]
-    ratios = np.full(n - 1, np.nan)
-    if spacing_weight > 0:
-        ratios = spacing_ratios(np.asarray(centers, dtype=np.float64)[order])
     # trans[a, b]: cost of level a followed by level b (b > a: skips; b == a: repeat; b < a: no)
     a = np.arange(num_levels)[:, None]
     b = np.arange(num_levels)[None, :]
@@ -65,7 +65,9 @@ def decode_levels(
     back = np.zeros((n, num_levels), dtype=np.int64)
     for i in range(1, n):
         step = trans
-        if np.isfinite(ratios[i - 1]):  # the repeat keeps its own cost: duplicates lie close
+        if spacing_weight > 0 and np.isfinite(
+            ratios[i - 1]
+        ):  # the repeat keeps its own cost: duplicates lie close
             step = np.where(b > a, trans - spacing_weight * (jump - ratios[i - 1]) ** 2, trans)
         total = score[:, None] + step  # from level a (rows) to level b (columns)
         back[i] = total.argmax(0)

@@ -24,6 +24,8 @@ class SpineOrder:
     order: list  # indices of the input centroids, top to bottom
     position: np.ndarray  # arc-length position of each ordered centroid along the backbone
     gaps: list = field(default_factory=list)  # [(k, missing)]: `missing` vertebrae between k, k+1
+    # spacing k..k+1 over its neighbours' (``spacing_ratios``), NaN where too few to compare
+    ratios: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def _mst_parents(points: np.ndarray) -> np.ndarray:
@@ -97,7 +99,8 @@ def order_along_spine(centroids, gap_factor: float = 1.6) -> SpineOrder:
     pos = _project(pts, pts[backbone])
     order = sorted(range(n), key=lambda i: (pos[i], pts[i, 1]))
     position = pos[order]
-    return SpineOrder(order, position, find_gaps(pts[order], gap_factor))
+    ratios = spacing_ratios(pts[order])
+    return SpineOrder(order, position, _gaps(ratios, gap_factor), ratios)
 
 
 def spacing_ratios(ordered: np.ndarray, window: int = 2) -> np.ndarray:
@@ -121,7 +124,10 @@ def spacing_ratios(ordered: np.ndarray, window: int = 2) -> np.ndarray:
 def find_gaps(ordered: np.ndarray, gap_factor: float = 1.6, window: int = 2) -> list:
     """[(k, missing)] where the spacing between ordered[k] and ordered[k+1] exceeds
     ``gap_factor`` times the median of up to ``window`` spacings on each side of it."""
-    ratios = spacing_ratios(ordered, window)
+    return _gaps(spacing_ratios(ordered, window), gap_factor)
+
+
+def _gaps(ratios: np.ndarray, gap_factor: float) -> list:
     return [
         (k, max(int(round(r)) - 1, 1))
         for k, r in enumerate(ratios)

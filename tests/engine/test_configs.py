@@ -50,3 +50,7 @@ def test_bad_user_dataset_entry_and_channel_mismatch_are_clear_errors():
         build_config(config, ["SPINE.COCO_DATASETS", "[['only_a_name']]"])
     with pytest.raises(SpineError, match="PIXEL_MEAN has 3 values but INPUT.XRAY.CHANNELS is 1"):
         build_config(config, ["INPUT.XRAY.CHANNELS", "1"])
+    with pytest.raises(
+        SpineError, match=r"instant_test.yaml: SPINE.LEVEL_HEAD.SPACING_WEIGHT is -1"
+    ):
+        build_config(config, ["SPINE.LEVEL_HEAD.SPACING_WEIGHT", "-1.0"])

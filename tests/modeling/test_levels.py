@@ -65,6 +65,8 @@ def test_spacing_weight_puts_the_skip_where_the_geometry_shows_the_missed_verteb
     np.testing.assert_array_equal(
         decode_levels(even, lp_skip, skip_cost=0.0, spacing_weight=8.0), [4, 5, 6, 7, 8]
     )
+    with pytest.raises(ValueError, match="spacing_weight must be >= 0, got -1"):
+        decode_levels(even, lp_skip, spacing_weight=-1)
 
 
 def test_a_duplicate_detection_does_not_shift_the_levels_below_it():

@@ -32,6 +32,10 @@ def test_gap_found_where_one_vertebra_was_removed():
     removed = np.delete(pts, 6, axis=0)
     seq = order_along_spine(removed[::-1])
     assert seq.gaps == [(5, 1)]
+    # the ratios the gaps come from (and the level decoder uses): ~2 at the gap, ~1 elsewhere
+    assert len(seq.ratios) == len(removed) - 1
+    assert 1.8 < seq.ratios[5] < 2.2
+    assert np.all(np.abs(np.delete(seq.ratios, 5) - 1) < 0.2)
 
 
 def test_levels_from_anchor_skip_the_gap():
