@@ -13,7 +13,7 @@ OUTPUT_DIR ?= $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(
 PYTEST_ARGS ?= -q -n 2 --durations=10
 export DETECTRON2_DATASETS ?= datasets
 
-.PHONY: install test demo demo-clean data data-parts data-small data-aasce train train-pretrained train-aasce study-aasce eval export enhance bench lint clean-venv
+.PHONY: install test demo demo-clean data data-parts data-small data-aasce level-prior-aasce train train-pretrained train-aasce study-aasce eval export enhance bench lint clean-venv
 
 $(VENV)/.installed: setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ AASCE_CONFIG ?= configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage2_cpu.yaml
 AASCE_DIR = $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(AASCE_CONFIG) | tail -1)
 data-aasce: $(VENV)/.installed  ## convert AASCE_SRC to COCO under $DETECTRON2_DATASETS/spine_aasce (split by patient)
 	$(PY) datasets/prepare_aasce.py --src $(AASCE_SRC)
+
+level-prior-aasce: $(VENV)/.installed  ## refit the level decoder's framing prior on spine_aasce_train (the committed configs/aasce/level_prior_aasce_train.json)
+	$(PY) tools/fit_level_prior.py --dataset spine_aasce_train --out configs/aasce/level_prior_aasce_train.json
 
 train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~1.9 h)
 	@test -f $(DETECTRON2_DATASETS)/spine_aasce/train.json || { echo "The AASCE dataset is missing: run 'make data-aasce' first."; exit 1; }

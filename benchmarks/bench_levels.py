@@ -5,8 +5,10 @@ Runs the model once on a test split, keeps what the level decoder sees for every
 or above ``SPINE.LEVEL_HEAD.SCORE_THRESH`` (box centre, level log-probabilities over
 SPINE.LEVELS), matches detections to the ground truth as VertebraEvaluator does (one-to-one,
 mask IoU >= 0.5) and reports the level accuracy of the matched ones for each
-``SPINE.LEVEL_HEAD.SPACING_WEIGHT`` in ``--spacing-weights`` (README, CPU training recipe and
-levels). Choose a weight on a training split, confirm it on the test split.
+``SPINE.LEVEL_HEAD.SPACING_WEIGHT`` in ``--spacing-weights`` (at the config's prior weight) and
+for each ``SPINE.LEVEL_HEAD.PRIOR_WEIGHT`` in ``--prior-weights`` (framing prior of
+``--prior-file``, default the config's; at the config's spacing weight). README, levels.
+Choose weights on a training split, confirm them on the test split.
 
     python benchmarks/bench_levels.py        # checkpoint v3 on spine_drr_test
     python benchmarks/bench_levels.py --config-file configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage1_cpu.yaml \\
@@ -26,13 +28,13 @@ from tqdm import tqdm
 
 
 def _weights(text: str) -> list:
-    """--spacing-weights: comma-separated numbers >= 0."""
+    """--spacing-weights, --prior-weights: comma-separated numbers >= 0."""
     try:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}")
     if any(w < 0 for w in weights):
-        raise argparse.ArgumentTypeError(f"spacing weights must be >= 0: {text!r}")
+        raise argparse.ArgumentTypeError(f"weights must be >= 0: {text!r}")
     return weights
 
 
@@ -41,8 +43,8 @@ WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
 
 
 def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
-    """Per image: (centres, level log-probs, [(gt index, detection index)] matched at IoU 0.5,
-    gt level names) for the detections at or above ``score_thresh``."""
+    """Per image: (boxes XYXY, image height, level log-probs, [(gt index, detection index)]
+    matched at IoU 0.5, gt level names) for the detections at or above ``score_thresh``."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     from spine_d2.engine.trainer import SpineTrainer
@@ -66,7 +68,8 @@ def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
             pairs = _greedy_match(g["rles"], g["classes"], rles, inst.pred_classes.tolist())
             items.append(
                 (
-                    inst.pred_boxes.get_centers().numpy(),
+                    inst.pred_boxes.tensor.numpy(),
+                    batch[0]["height"],
                     inst.level_log_probs.numpy(),
                     [(gi, p) for gi, p, iou in pairs if iou >= 0.5 and g["levels"][gi]],
                     g["levels"],
@@ -75,12 +78,19 @@ def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
     return items
 
 
-def level_accuracy(items, levels, skip_cost, repeat_cost, spacing_weight) -> tuple:
+def level_accuracy(
+    items, levels, skip_cost, repeat_cost, spacing_weight, prior=None, prior_weight=0.0
+) -> tuple:
+    """As LevelROIHeads decodes: level log-probs (+ prior_weight x prior), then decode_levels."""
     from spine_d2.modeling.levels import decode_levels
 
     hits = total = 0
-    for centres, log_probs, pairs, gt_levels in items:
-        decoded = decode_levels(centres, log_probs, skip_cost, repeat_cost, spacing_weight)
+    for boxes, height, log_probs, pairs, gt_levels in items:
+        evidence = log_probs.astype("float64")
+        if prior is not None and prior_weight > 0:
+            evidence = evidence + prior_weight * prior.log_likelihood(boxes, height, levels)
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        decoded = decode_levels(centres, evidence, skip_cost, repeat_cost, spacing_weight)
         hits += sum(levels[decoded[p]] == gt_levels[gi] for gi, p in pairs)
         total += len(pairs)
     return (hits / total if total else float("nan")), total
@@ -92,21 +102,31 @@ def main(argv=None) -> dict:
     ap.add_argument("--weights", default=WEIGHTS)
     ap.add_argument("--dataset", default="spine_drr_test")
     ap.add_argument("--spacing-weights", type=_weights, default="0,2,4,8,12,16")
+    ap.add_argument("--prior-weights", type=_weights, default="0,0.25,0.5,1,2")
+    ap.add_argument("--prior-file", default="", help="LevelPrior JSON (default: the config's)")
     ap.add_argument("--out", default="output/bench/bench_levels.json")
     args = ap.parse_args(argv)
 
     from spine_d2.engine.setup import build_config
+    from spine_d2.modeling.levels import LevelPrior
 
     cfg = build_config(args.config_file, ["MODEL.WEIGHTS", args.weights, "SPINE.EVAL.AMP", ""])
     head = cfg.SPINE.LEVEL_HEAD
     t0 = time.perf_counter()
     items = collect(cfg, args.weights, args.dataset, head.SCORE_THRESH)
     t_infer = time.perf_counter() - t0
-    by_weight, matched = {}, 0
+    levels = list(cfg.SPINE.LEVELS)
+    prior_file = args.prior_file or head.PRIOR_FILE
+    prior = LevelPrior.load(prior_file) if prior_file else None
+    by_weight, by_prior, matched = {}, {}, 0
     for w in args.spacing_weights:
-        acc, matched = level_accuracy(items, list(cfg.SPINE.LEVELS), head.SKIP_COST,
-                                      head.REPEAT_COST, w)  # fmt: skip
+        acc, matched = level_accuracy(items, levels, head.SKIP_COST, head.REPEAT_COST, w,
+                                      prior, head.PRIOR_WEIGHT)  # fmt: skip
         by_weight[f"{w:g}"] = round(acc, 4)
+    for w in args.prior_weights if prior is not None else []:
+        acc, _ = level_accuracy(items, levels, head.SKIP_COST, head.REPEAT_COST,
+                                head.SPACING_WEIGHT, prior, w)  # fmt: skip
+        by_prior[f"{w:g}"] = round(acc, 4)
     best = max(by_weight, key=by_weight.get)
     result = {
         "bench": "levels",
@@ -115,7 +135,10 @@ def main(argv=None) -> dict:
         "dataset": args.dataset,
         "matched_vertebrae": matched,
         "config_spacing_weight": head.SPACING_WEIGHT,
+        "config_prior_weight": head.PRIOR_WEIGHT,
+        "prior_file": prior_file,
         "level_accuracy_by_spacing_weight": by_weight,
+        "level_accuracy_by_prior_weight": by_prior,
         "best_spacing_weight": float(best),
         "best_level_accuracy": by_weight[best],
         "inference_s": round(t_infer, 1),

@@ -82,6 +82,10 @@ def add_spine_config(cfg):
     # nats per squared level between a jump and the spacing ratio of two neighbours; 0 = off
     # (helps on full-spine films, hurts on cropped DRR views: README, Real radiographs)
     _C.SPINE.LEVEL_HEAD.SPACING_WEIGHT = 0.0
+    # Framing prior (modeling.levels.LevelPrior, written by tools/fit_level_prior.py): JSON path
+    # and its weight in the decoder (nats per nat of prior log-likelihood); 0 = off
+    _C.SPINE.LEVEL_HEAD.PRIOR_FILE = ""
+    _C.SPINE.LEVEL_HEAD.PRIOR_WEIGHT = 0.0
 
     # Training: "SGD" (detectron2's build_optimizer) or "ADAMW" (SOLVER.BASE_LR,
     # SOLVER.WEIGHT_DECAY, no decay on norms and biases). SOLVER.AMP.ENABLED on the CPU

@@ -13,6 +13,7 @@ from detectron2.utils.logger import setup_logger
 from ..config import add_spine_config
 from ..data.datasets import register_from_config
 from ..errors import SpineError
+from ..modeling.levels import LevelPrior
 
 __all__ = ["build_config", "setup"]
 
@@ -41,6 +42,19 @@ def build_config(config_file: str, opts=()):
             f"{config_file}: SPINE.LEVEL_HEAD.SPACING_WEIGHT is "
             f"{cfg.SPINE.LEVEL_HEAD.SPACING_WEIGHT}; it must be >= 0 (0 turns it off)"
         )
+    head = cfg.SPINE.LEVEL_HEAD
+    if head.PRIOR_WEIGHT < 0:
+        raise SpineError(
+            f"{config_file}: SPINE.LEVEL_HEAD.PRIOR_WEIGHT is {head.PRIOR_WEIGHT}; "
+            "it must be >= 0 (0 turns it off)"
+        )
+    if head.PRIOR_WEIGHT > 0:
+        if not head.PRIOR_FILE:
+            raise SpineError(
+                f"{config_file}: SPINE.LEVEL_HEAD.PRIOR_WEIGHT is {head.PRIOR_WEIGHT} but "
+                "SPINE.LEVEL_HEAD.PRIOR_FILE is empty"
+            )
+        LevelPrior.load(head.PRIOR_FILE)  # a bad prior fails here, before any model is built
     register_from_config(cfg)
     cfg.freeze()
     return cfg

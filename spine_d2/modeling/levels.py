@@ -14,15 +14,32 @@ neighbours, about two where the detector missed the vertebra between them. With
 one level, nor skip one, against the geometry. Whether that helps depends on how regular the
 spacing of a dataset is (README, Real radiographs): full-spine films yes, cropped DRR views
 with slivers at their edges no, hence off by default.
+
+A ``LevelPrior`` adds where each level sits: how far down the film its centre lies and how wide
+it is next to the film's other vertebrae (T1 narrow, L5 wide), fitted from a training split's
+annotations (``tools/fit_level_prior.py``). It is a framing prior: it helps on films framed like
+the training films (the AASCE full-spine films put T1 at 5 % and L5 at 90 % of the height, with
+a spread smaller than one vertebra) and says little where framing varies (its spreads are then
+wide). Each feature's penalty is capped at ``ZMAX`` standard deviations, so an unusual film
+cannot outvote clear appearance evidence.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
 
+from ..config import VERTEBRA_LEVELS
+from ..errors import SpineError
 from ..zoi.order import order_along_spine
 
-__all__ = ["decode_levels"]
+__all__ = ["LevelPrior", "decode_levels"]
+
+PRIOR_FORMAT = "spine_d2.level_prior/1"
 
 
 def decode_levels(
@@ -79,3 +96,136 @@ def decode_levels(
     out = np.zeros(n, dtype=np.int64)
     out[order] = path
     return out
+
+
+@dataclass
+class LevelPrior:
+    """Per-level Gaussian over two framing features of a vertebra (``FEATURES``).
+
+    ``mean``/``std``: len(levels) x 2. Levels never seen in fitting (C1..C7 on AASCE films) get
+    the capped penalty: possible, never favoured.
+    """
+
+    levels: list
+    mean: np.ndarray
+    std: np.ndarray
+    count: list = field(default_factory=list)
+    source: str = ""
+
+    FEATURES = ("log_relative_width", "relative_y")
+    ZMAX = 3.0
+    MIN_STD = 1e-3
+
+    @staticmethod
+    def features(boxes: np.ndarray, image_height: float) -> np.ndarray:
+        """N x 2: log(box width / median width of the boxes), box centre y / image height.
+
+        Both are unchanged by resizing the film, so boxes in the model's input frame and in the
+        original frame give the same features.
+        """
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if len(boxes) == 0:
+            return np.zeros((0, 2))
+        width = np.maximum(boxes[:, 2] - boxes[:, 0], 1e-6)
+        rel_y = (boxes[:, 1] + boxes[:, 3]) / 2 / float(image_height)
+        return np.stack([np.log(width / np.median(width)), rel_y], axis=1)
+
+    @classmethod
+    def fit(cls, dataset_dicts, source: str = "", min_count: int = 5) -> "LevelPrior":
+        """From detectron2 dataset dicts whose annotations carry ``level``; XYWH_ABS boxes.
+
+        The width feature is relative to the median of the film's labelled vertebrae, as at
+        inference it is relative to the film's detections. Levels with fewer than
+        ``min_count`` examples are left out (too few to estimate a spread).
+        """
+        from detectron2.structures import BoxMode
+
+        by_level: dict = {}
+        for record in dataset_dicts:
+            anns = [a for a in record.get("annotations", []) if a.get("level")]
+            if not anns:
+                continue
+            boxes = np.array(
+                [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
+            )
+            for a, f in zip(anns, cls.features(boxes, record["height"])):
+                by_level.setdefault(a["level"], []).append(f)
+        order = {name: i for i, name in enumerate(VERTEBRA_LEVELS)}
+        names = sorted(
+            (n for n, v in by_level.items() if len(v) >= min_count),
+            key=lambda n: order.get(n, len(order)),
+        )
+        if not names:
+            raise SpineError(f"{source or 'dataset'}: no level with {min_count}+ annotations")
+        feats = [np.array(by_level[n]) for n in names]
+        return cls(
+            levels=names,
+            mean=np.array([f.mean(0) for f in feats]),
+            std=np.maximum(np.array([f.std(0) for f in feats]), cls.MIN_STD),
+            count=[len(f) for f in feats],
+            source=source,
+        )
+
+    def log_likelihood(self, boxes: np.ndarray, image_height: float, levels) -> np.ndarray:
+        """N x len(levels) log-likelihood (nats, up to a constant) of each box at each level."""
+        f = self.features(boxes, image_height)
+        z2 = np.minimum(((f[:, None, :] - self.mean[None]) / self.std[None]) ** 2, self.ZMAX**2)
+        fitted = -0.5 * z2.sum(axis=2)
+        out = np.full((len(f), len(levels)), -0.5 * self.ZMAX**2 * len(self.FEATURES))
+        index = {name: i for i, name in enumerate(self.levels)}
+        for j, name in enumerate(levels):
+            if name in index:
+                out[:, j] = fitted[:, index[name]]
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "format": PRIOR_FORMAT,
+            "features": list(self.FEATURES),
+            "source": self.source,
+            "levels": {
+                name: {"mean": m.round(5).tolist(), "std": s.round(5).tolist(), "count": int(c)}
+                for name, m, s, c in zip(self.levels, self.mean, self.std, self.count)
+            },
+        }
+
+    def save(self, path) -> None:
+        """Write JSON to a temporary name, then rename: a crash never leaves half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        d = self.to_dict()
+        levels = ",\n".join(
+            f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in d.pop("levels").items()
+        )
+        head = json.dumps(d, indent=1)[:-2]  # one level per line: reviewable in a diff
+        tmp.write_text(f'{head},\n "levels": {{\n{levels}\n }}\n}}\n')
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "LevelPrior":
+        """One-line SpineError naming the file for anything that is not a level prior."""
+        path = Path(path)
+        if not path.is_file():
+            raise SpineError(
+                f"{path}: level prior file not found (tools/fit_level_prior.py writes one)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SpineError(f"{path}: not a JSON level prior ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != PRIOR_FORMAT:
+            raise SpineError(f"{path}: not a level prior (format is not {PRIOR_FORMAT!r})")
+        if data.get("features") != list(cls.FEATURES):
+            raise SpineError(f"{path}: features {data.get('features')} != {list(cls.FEATURES)}")
+        try:
+            entries = data["levels"]
+            names = list(entries)
+            mean = np.array([entries[n]["mean"] for n in names], dtype=np.float64).reshape(-1, 2)
+            std = np.array([entries[n]["std"] for n in names], dtype=np.float64).reshape(-1, 2)
+            count = [int(entries[n].get("count", 0)) for n in names]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise SpineError(f"{path}: malformed level entry ({e!r})") from None
+        if not names or not np.isfinite(mean).all() or not (std > 0).all():
+            raise SpineError(f"{path}: a level prior needs levels with finite means and stds > 0")
+        return cls(names, mean, std, count, str(data.get("source", "")))

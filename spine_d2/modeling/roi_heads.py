@@ -6,12 +6,14 @@ ground truth carries a level (``gt_level_ids`` from XrayDatasetMapper; -1 = unkn
 and at inference it labels each detection; ``decode_levels`` then makes the confident ones
 agree along the spine. Detections gain ``pred_levels`` (indices into SPINE.LEVELS),
 ``level_scores`` (the probability of that level before decoding) and ``level_log_probs``
-(N x len(SPINE.LEVELS), what the decoder saw: for calibration and benchmarks/bench_levels.py).
+(N x len(SPINE.LEVELS), the level branch's evidence; the decoder adds the spacing term and,
+when SPINE.LEVEL_HEAD.PRIOR_WEIGHT > 0, the framing prior: for calibration and
+benchmarks/bench_levels.py).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 from torch import nn
 
-from .levels import decode_levels
+from .levels import LevelPrior, decode_levels
 
 __all__ = ["LevelROIHeads"]
 
@@ -37,6 +39,9 @@ class LevelROIHeads(StandardROIHeads):
         skip_cost: float = 2.0,
         repeat_cost: float = 4.0,
         spacing_weight: float = 0.0,
+        level_prior: Optional[LevelPrior] = None,
+        prior_weight: float = 0.0,
+        level_names: Sequence[str] = (),
         **kwargs,
     ):
         """
@@ -46,6 +51,9 @@ class LevelROIHeads(StandardROIHeads):
             level_score_thresh: detections at or above this score take part in the decoding
                 along the spine; the others keep their own most likely level.
             skip_cost, repeat_cost, spacing_weight: see :func:`decode_levels`.
+            level_prior, prior_weight: a :class:`LevelPrior` whose log-likelihood, times
+                ``prior_weight``, is added to the level log-probabilities of the decoded
+                detections; ``level_names`` (SPINE.LEVELS) maps its levels to the classes.
             kwargs: StandardROIHeads' arguments.
         """
         super().__init__(**kwargs)
@@ -61,6 +69,11 @@ class LevelROIHeads(StandardROIHeads):
         self.skip_cost = skip_cost
         self.repeat_cost = repeat_cost
         self.spacing_weight = spacing_weight
+        if prior_weight > 0 and (level_prior is None or len(level_names) != num_levels):
+            raise ValueError("prior_weight > 0 needs a level_prior and one name per level")
+        self.level_prior = level_prior if prior_weight > 0 else None
+        self.prior_weight = prior_weight
+        self.level_names = list(level_names)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -73,6 +86,9 @@ class LevelROIHeads(StandardROIHeads):
             skip_cost=head.SKIP_COST,
             repeat_cost=head.REPEAT_COST,
             spacing_weight=head.SPACING_WEIGHT,
+            level_prior=LevelPrior.load(head.PRIOR_FILE) if head.PRIOR_WEIGHT > 0 else None,
+            prior_weight=head.PRIOR_WEIGHT,
+            level_names=list(cfg.SPINE.LEVELS),
         )
         return ret
 
@@ -111,10 +127,15 @@ class LevelROIHeads(StandardROIHeads):
         levels = log_probs.argmax(dim=1)
         confident = (inst.scores >= self.level_score_thresh).nonzero().flatten()
         if len(confident) >= 2:
-            centers = inst.pred_boxes[confident].get_centers().cpu().numpy()
+            boxes = inst.pred_boxes[confident]
+            evidence = log_probs[confident].cpu().numpy()
+            if self.level_prior is not None:
+                evidence = evidence + self.prior_weight * self.level_prior.log_likelihood(
+                    boxes.tensor.cpu().numpy(), inst.image_size[0], self.level_names
+                )
             decoded = decode_levels(
-                centers,
-                log_probs[confident].cpu().numpy(),
+                boxes.get_centers().cpu().numpy(),
+                evidence,
                 self.skip_cost,
                 self.repeat_cost,
                 self.spacing_weight,

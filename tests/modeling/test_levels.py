@@ -141,3 +141,141 @@ def test_label_levels_decodes_confident_detections_only(level_model):
     assert inst.level_log_probs.shape == (4, len(cfg.SPINE.LEVELS))
     assert torch.allclose(inst.level_log_probs.exp().sum(1), torch.ones(4))
     assert inst.level_log_probs[0].argmax() == 10
+
+
+def _framed_films(n_films=6, levels=("T1", "T2", "T3", "T4", "T5"), height=200.0, seed=0):
+    """Dataset dicts of films that frame the same levels alike: level k at (k + 0.5) / 5 of the
+    height, widths growing down the spine, a little jitter per film."""
+    from detectron2.structures import BoxMode
+
+    rng = np.random.default_rng(seed)
+    films = []
+    for f in range(n_films):
+        anns = []
+        for k, name in enumerate(levels):
+            cy = (k + 0.5) / len(levels) * height + rng.normal(0, 2)
+            w = 20.0 * 1.1**k * (1 + rng.normal(0, 0.02))
+            anns.append(
+                {"bbox": [50.0, cy - 6, w, 12.0], "bbox_mode": BoxMode.XYWH_ABS, "level": name}
+            )
+        anns.append({"bbox": [1, 1, 5, 5], "bbox_mode": BoxMode.XYWH_ABS})  # no level: ignored
+        films.append(
+            {"file_name": f"f{f}.png", "height": height, "width": 120, "annotations": anns}
+        )
+    return films
+
+
+def test_level_prior_fit_round_trips_and_favours_the_level_where_a_box_sits(tmp_path):
+    from spine_d2.modeling import LevelPrior
+
+    prior = LevelPrior.fit(_framed_films(), source="films")
+    assert prior.levels == ["T1", "T2", "T3", "T4", "T5"] and prior.count == [6] * 5
+    np.testing.assert_allclose(prior.mean[:, 1], [0.1, 0.3, 0.5, 0.7, 0.9], atol=0.01)
+    assert np.all(np.diff(prior.mean[:, 0]) > 0.05)  # relative width grows down the spine
+    path = tmp_path / "prior.json"
+    prior.save(path)
+    back = LevelPrior.load(path)
+    assert back.levels == prior.levels and back.source == "films"
+    np.testing.assert_allclose(back.mean, prior.mean, atol=1e-4)
+
+    names = ["C7", "T1", "T2", "T3", "T4", "T5"]
+    boxes = np.array([[50, 94, 74, 106], [50, 174, 79, 186], [50, 14, 70, 26]])  # T3, T5, T1
+    ll = back.log_likelihood(boxes, 200.0, names)
+    assert ll.shape == (3, 6) and ll.argmax(1).tolist() == [3, 5, 1]
+    # an unfitted level is possible but capped: ZMAX on both features, never favoured
+    np.testing.assert_allclose(ll[:, 0], -0.5 * LevelPrior.ZMAX**2 * 2)
+    assert (ll >= ll[:, :1]).all()
+    # resizing the film changes nothing
+    np.testing.assert_allclose(back.log_likelihood(boxes * 2, 400.0, names), ll)
+
+
+def test_level_prior_bad_files_are_one_line_errors_naming_the_file(tmp_path):
+    from spine_d2.errors import SpineError
+    from spine_d2.modeling import LevelPrior
+
+    with pytest.raises(SpineError, match=r"missing.json: level prior file not found"):
+        LevelPrior.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    for text, msg in [
+        ("{not json", "not a JSON level prior"),
+        ('{"format": "other"}', "not a level prior"),
+        ('{"format": "spine_d2.level_prior/1", "features": ["x"]}', "features"),
+        (
+            '{"format": "spine_d2.level_prior/1", "features": ["log_relative_width", '
+            '"relative_y"], "levels": {"T1": {"mean": [0, 0.1], "std": [0.1, 0]}}}',
+            "stds > 0",
+        ),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(SpineError, match=rf"bad.json: .*{msg}"):
+            LevelPrior.load(bad)
+    with pytest.raises(SpineError, match="no level with 5"):
+        LevelPrior.fit(_framed_films(n_films=2), source="two films")
+
+
+def test_prior_puts_a_look_alike_chain_where_the_film_frames_it(level_model, tmp_path):
+    from spine_d2.errors import SpineError
+    from spine_d2.modeling import LevelPrior
+
+    cfg, model = level_model
+    heads = model.roi_heads
+    heads.level_score_thresh = 0.5
+    names = list(cfg.SPINE.LEVELS)
+    prior = LevelPrior.fit(_framed_films(), source="films")
+    inst = Instances((200, 120))
+    inst.pred_boxes = Boxes(
+        torch.tensor(
+            [[50, cy - 6, 50 + 20 * 1.1**k, cy + 6] for k, cy in enumerate((20, 60, 100, 140, 180))]
+        )
+    )
+    inst.scores = torch.full((5,), 0.9)
+    logits = torch.zeros(5, len(names))
+    t1 = names.index("T1")
+    for k in range(5):  # the head mildly believes the chain starts one level lower
+        logits[k, t1 + k + 1] = 1.0
+    heads._label_levels(inst, logits.clone())
+    assert inst.pred_levels.tolist() == list(range(t1 + 1, t1 + 6))
+    heads.level_prior, heads.prior_weight, heads.level_names = prior, 1.0, names
+    heads._label_levels(inst, logits.clone())
+    assert inst.pred_levels.tolist() == list(range(t1, t1 + 5))
+    # the head's evidence is what level_log_probs keeps, not the prior
+    assert inst.level_log_probs[0].argmax() == t1 + 1
+
+    path = tmp_path / "prior.json"
+    prior.save(path)
+    cfg2 = build_config(
+        INSTANT,
+        ["MODEL.ROI_HEADS.NAME", "LevelROIHeads", "SPINE.LEVEL_HEAD.PRIOR_FILE", str(path),
+         "SPINE.LEVEL_HEAD.PRIOR_WEIGHT", "0.5"],  # fmt: skip
+    )
+    built = build_model(cfg2).roi_heads
+    assert built.prior_weight == 0.5 and built.level_prior.levels == prior.levels
+    with pytest.raises(SpineError, match="PRIOR_WEIGHT is -1.0; it must be >= 0"):
+        build_config(INSTANT, ["SPINE.LEVEL_HEAD.PRIOR_WEIGHT", "-1.0"])
+    with pytest.raises(
+        SpineError, match="PRIOR_WEIGHT is 1.0 but SPINE.LEVEL_HEAD.PRIOR_FILE is empty"
+    ):
+        build_config(INSTANT, ["SPINE.LEVEL_HEAD.PRIOR_WEIGHT", "1.0"])
+    with pytest.raises(SpineError, match="nope.json: level prior file not found"):
+        build_config(INSTANT, ["SPINE.LEVEL_HEAD.PRIOR_WEIGHT", "1.0",
+                               "SPINE.LEVEL_HEAD.PRIOR_FILE", str(tmp_path / "nope.json")])  # fmt: skip
+
+
+def test_fit_level_prior_tool_writes_a_loadable_prior(synthetic_train, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from spine_d2.modeling import LevelPrior
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "fit_level_prior.py"
+    spec = importlib.util.spec_from_file_location("fit_level_prior", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "sub" / "prior.json"
+    assert module.main(["--dataset", synthetic_train, "--out", str(out), "--min-count", "1"]) == 0
+    prior = LevelPrior.load(out)
+    assert prior.source == synthetic_train and len(prior.levels) > 0
+    assert not list(out.parent.glob("*.tmp"))
+    assert module.main(["--dataset", "no_such_split", "--out", str(tmp_path / "x.json")]) == 1
+    assert "no_such_split: not a registered dataset" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
