@@ -41,10 +41,10 @@ data-small: $(VENV)/.installed  ## the small preset (make demo) under $DETECTRON
 # Real radiographs: AASCE 2019 (research use only; read where it lies, never copied).
 AASCE_SRC ?= ../shared/data/aasce
 # The default for real data: the shipped DRR checkpoint fine-tuned on the films (the study's
-# arm c'''), then two long cosine cycles (README, "The real-data default").
-AASCE_STAGE1 := configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage1_cpu.yaml
-AASCE_STAGE2 := configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage2_cpu.yaml
-AASCE_CONFIG ?= configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage3_cpu.yaml
+# arm c'''), then cosine cycles of 3600 iterations, each from the last one's final model
+# (README, "The real-data default"). Each stage resumes where it stopped.
+AASCE_CHAIN := $(foreach s,1 2 3,configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage$(s)_cpu.yaml)
+AASCE_CONFIG ?= configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage4_cpu.yaml
 AASCE_DIR = $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(AASCE_CONFIG) | tail -1)
 data-aasce: $(VENV)/.installed  ## convert AASCE_SRC to COCO under $DETECTRON2_DATASETS/spine_aasce (split by patient)
 	$(PY) datasets/prepare_aasce.py --src $(AASCE_SRC)
@@ -52,11 +52,10 @@ data-aasce: $(VENV)/.installed  ## convert AASCE_SRC to COCO under $DETECTRON2_D
 level-prior-aasce: $(VENV)/.installed  ## refit the level decoder's framing prior on spine_aasce_train (the committed configs/aasce/level_prior_aasce_train.json)
 	$(PY) tools/fit_level_prior.py --dataset spine_aasce_train --out configs/aasce/level_prior_aasce_train.json
 
-train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~3.2 h)
+train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~4.5 h)
 	@test -f $(DETECTRON2_DATASETS)/spine_aasce/train.json || { echo "The AASCE dataset is missing: run 'make data-aasce' first."; exit 1; }
-	$(PY) tools/train_net.py --config-file $(AASCE_STAGE1) --resume
-	$(PY) tools/train_net.py --config-file $(AASCE_STAGE2) --resume
-	$(PY) tools/train_net.py --config-file $(AASCE_CONFIG) --resume
+	@for cfg in $(AASCE_CHAIN) $(AASCE_CONFIG); do \
+	  echo "== $$cfg"; $(PY) tools/train_net.py --config-file $$cfg --resume || exit 1; done
 	@echo "Results: $(AASCE_DIR)/inference/eval_results.json"
 
 # The sim-to-real study (README, "Real radiographs"): three arms at equal iterations, one table.
