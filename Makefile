@@ -43,8 +43,9 @@ AASCE_SRC ?= ../shared/data/aasce
 # The default for real data: the shipped DRR checkpoint fine-tuned on the films (the study's
 # arm c'''), then cosine cycles of 3600 iterations, each from the last one's final model
 # (README, "The real-data default"). Each stage resumes where it stopped.
-AASCE_CHAIN := $(foreach s,1 2 3,configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage$(s)_cpu.yaml)
-AASCE_CONFIG ?= configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage4_cpu.yaml
+AASCE_STAGES ?= 1 2 3 4
+AASCE_CHAIN = $(foreach s,$(AASCE_STAGES),configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage$(s)_cpu.yaml)
+AASCE_CONFIG = $(lastword $(AASCE_CHAIN))
 AASCE_DIR = $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(AASCE_CONFIG) | tail -1)
 data-aasce: $(VENV)/.installed  ## convert AASCE_SRC to COCO under $DETECTRON2_DATASETS/spine_aasce (split by patient)
 	$(PY) datasets/prepare_aasce.py --src $(AASCE_SRC)
@@ -54,7 +55,7 @@ level-prior-aasce: $(VENV)/.installed  ## refit the level decoder's framing prio
 
 train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~4.5 h)
 	@test -f $(DETECTRON2_DATASETS)/spine_aasce/train.json || { echo "The AASCE dataset is missing: run 'make data-aasce' first."; exit 1; }
-	@for cfg in $(AASCE_CHAIN) $(AASCE_CONFIG); do \
+	@for cfg in $(AASCE_CHAIN); do \
 	  echo "== $$cfg"; $(PY) tools/train_net.py --config-file $$cfg --resume || exit 1; done
 	@echo "Results: $(AASCE_DIR)/inference/eval_results.json"
 
