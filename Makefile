@@ -78,17 +78,20 @@ train: $(VENV)/.installed  ## train $(CONFIG) (resumes from its last checkpoint)
 # The newest model of CONFIG when there is one, else the shipped checkpoint (override: WEIGHTS=...).
 SHIPPED_WEIGHTS := weights/spine_mask_rcnn_R_18_FPN_drr.pth
 WEIGHTS ?= $(if $(wildcard $(OUTPUT_DIR)/model_final.pth),$(OUTPUT_DIR)/model_final.pth,$(SHIPPED_WEIGHTS))
+# The shipped checkpoint always runs with its own config: it was last trained at larger inputs.
+SHIPPED_CONFIG := configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml
+RUN_CONFIG = $(if $(filter $(SHIPPED_WEIGHTS),$(WEIGHTS)),$(SHIPPED_CONFIG),$(CONFIG))
 eval: $(VENV)/.installed  ## evaluate WEIGHTS (newest model of $(CONFIG), else the shipped one) on its test split
 	@test -f $(WEIGHTS) || { echo "No model at $(WEIGHTS): run 'make train' first."; exit 1; }
-	@echo "Evaluating $(WEIGHTS)"
-	$(PY) tools/train_net.py --config-file $(CONFIG) --eval-only MODEL.WEIGHTS $(WEIGHTS) OUTPUT_DIR $(OUTPUT_DIR)
+	@echo "Evaluating $(WEIGHTS) with $(RUN_CONFIG)"
+	$(PY) tools/train_net.py --config-file $(RUN_CONFIG) --eval-only MODEL.WEIGHTS $(WEIGHTS) OUTPUT_DIR $(OUTPUT_DIR)
 	@echo "Results: $(OUTPUT_DIR)/inference/eval_results.json"
 
 EXPORT_INPUT ?= $(DETECTRON2_DATASETS)/spine_drr/images/test
 EXPORT_OUTPUT ?= $(OUTPUT_DIR)/zoi_export
 export: $(VENV)/.installed  ## export ZOIs of EXPORT_INPUT with WEIGHTS
 	@test -f $(WEIGHTS) || { echo "No model at $(WEIGHTS): run 'make train' first."; exit 1; }
-	$(PY) tools/export_zoi.py --config-file $(CONFIG) --input $(EXPORT_INPUT) --output $(EXPORT_OUTPUT) MODEL.WEIGHTS $(WEIGHTS)
+	$(PY) tools/export_zoi.py --config-file $(RUN_CONFIG) --input $(EXPORT_INPUT) --output $(EXPORT_OUTPUT) MODEL.WEIGHTS $(WEIGHTS)
 
 ENHANCE_PAIRS ?= $(DETECTRON2_DATASETS)/spine_drr/pairs.json
 ENHANCE_MANIFEST ?= $(OUTPUT_DIR)/zoi_export/manifest.jsonl
@@ -97,23 +100,23 @@ enhance: $(VENV)/.installed  ## enhance every low-dose scan of ENHANCE_PAIRS wit
 	@test -f $(ENHANCE_MANIFEST) || { echo "No export manifest at $(ENHANCE_MANIFEST): run 'make export' first."; exit 1; }
 	$(PY) tools/enhance_scan.py --pairs $(ENHANCE_PAIRS) --out $(ENHANCE_OUTPUT) --low-manifest $(ENHANCE_MANIFEST) --high-manifest $(ENHANCE_MANIFEST)
 
-# The shipped checkpoint: the CPU recipe on the default built-in data in three cosine cycles
-# (stage 2 widens the mask head; configs/pretrain/), resumable (re-run after an interruption),
-# evaluated as fp16, packaged into weights/.
+# The shipped checkpoint: the CPU recipe on the default built-in data in five cosine cycles
+# (stage 2 widens the mask head, stage 5 trains at larger inputs; configs/pretrain/), resumable
+# (re-run after an interruption), evaluated as fp16 with its own config, packaged into weights/.
 PRETRAIN_DIR ?= output/pretrained_r18
 WEIGHTS_OUT ?= weights/spine_mask_rcnn_R_18_FPN_drr.pth
-PRETRAIN_STAGE1 := configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage1_cpu.yaml
-PRETRAIN_STAGE2 := configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage2_cpu.yaml
-PRETRAIN_STAGE3 := configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage3_cpu.yaml
-PRETRAIN_PACK = --train-dir $(PRETRAIN_DIR) --train-dir $(PRETRAIN_DIR)_stage2 --train-dir $(PRETRAIN_DIR)_stage3 \
-	--config-file $(PRETRAIN_STAGE1) --config-file $(PRETRAIN_STAGE2) --config-file $(PRETRAIN_STAGE3)
-train-pretrained: $(VENV)/.installed  ## train (three stages), evaluate and package the shipped checkpoint (~4 h on 2 cores)
+PRETRAIN_STAGES := 1 2 3 4 5
+pretrain_config = configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage$(1)_cpu.yaml
+pretrain_dir = $(PRETRAIN_DIR)$(if $(filter 1,$(1)),,_stage$(1))
+PRETRAIN_PACK = $(foreach n,$(PRETRAIN_STAGES),--train-dir $(call pretrain_dir,$(n)) --config-file $(call pretrain_config,$(n)))
+train-pretrained: $(VENV)/.installed  ## train (five stages), evaluate and package the shipped checkpoint (~6 h on 2 cores)
 	@test -f $(DETECTRON2_DATASETS)/spine_drr/train.json || { echo "The built-in dataset is missing: run 'make data' first."; exit 1; }
-	$(PY) tools/train_net.py --config-file $(PRETRAIN_STAGE1) --resume OUTPUT_DIR $(PRETRAIN_DIR)
-	$(PY) tools/train_net.py --config-file $(PRETRAIN_STAGE2) --resume MODEL.WEIGHTS $(PRETRAIN_DIR)/model_final.pth OUTPUT_DIR $(PRETRAIN_DIR)_stage2
-	$(PY) tools/train_net.py --config-file $(PRETRAIN_STAGE3) --resume MODEL.WEIGHTS $(PRETRAIN_DIR)_stage2/model_final.pth OUTPUT_DIR $(PRETRAIN_DIR)_stage3
+	$(PY) tools/train_net.py --config-file $(call pretrain_config,1) --resume OUTPUT_DIR $(PRETRAIN_DIR)
+	@prev=$(PRETRAIN_DIR); for n in $(wordlist 2,99,$(PRETRAIN_STAGES)); do \
+	  cmd="$(PY) tools/train_net.py --config-file $(call pretrain_config,$${n}) --resume MODEL.WEIGHTS $$prev/model_final.pth OUTPUT_DIR $(PRETRAIN_DIR)_stage$$n"; \
+	  echo "$$cmd"; $$cmd || exit 1; prev=$(PRETRAIN_DIR)_stage$$n; done
 	$(PY) tools/package_weights.py $(PRETRAIN_PACK) --out $(WEIGHTS_OUT)
-	$(PY) tools/train_net.py --config-file $(PRETRAIN_STAGE3) --eval-only MODEL.WEIGHTS $(WEIGHTS_OUT) SPINE.EVAL.AMP '""' OUTPUT_DIR $(PRETRAIN_DIR)_eval_fp16
+	$(PY) tools/train_net.py --config-file $(SHIPPED_CONFIG) --eval-only MODEL.WEIGHTS $(WEIGHTS_OUT) SPINE.EVAL.AMP '""' OUTPUT_DIR $(PRETRAIN_DIR)_eval_fp16
 	$(PY) tools/package_weights.py $(PRETRAIN_PACK) --out $(WEIGHTS_OUT) --eval $(PRETRAIN_DIR)_eval_fp16/inference/eval_results.json
 
 BENCH_ARGS ?=

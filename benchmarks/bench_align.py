@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
         default="weights/spine_mask_rcnn_R_18_FPN_drr.pth",
         help="without --manifest: export images/test with these weights first (the pipeline)",
     )
-    ap.add_argument("--config-file", default="configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml")
+    ap.add_argument("--config-file", default="configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml")
     ap.add_argument("--export-dir", default="output/bench/align_export")
     ap.add_argument("--tune", type=int, default=10, help="pairs used to tune NLM's h (excluded)")
     ap.add_argument("--max-pairs", type=int, default=0)

@@ -37,7 +37,7 @@ import pycocotools.mask as mask_util
 import torch
 from summarize import write_result  # benchmarks/ is on sys.path when run as a script
 
-DEFAULT_CONFIG = "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml"
+DEFAULT_CONFIG = "configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml"
 SHIPPED_WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
 
 

@@ -38,7 +38,7 @@ def _weights(text: str) -> list:
     return weights
 
 
-CONFIG = "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml"
+CONFIG = "configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml"
 WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from summarize import write_result  # benchmarks/ is on sys.path when run as a script
 
-CONFIG = "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml"
+CONFIG = "configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml"
 WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
 KEYS = (
     ("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"), ("bbox", "AP50"),
