@@ -30,7 +30,11 @@ from collections import defaultdict
 
 import cv2
 import numpy as np
-from summarize import write_result  # benchmarks/ is on sys.path when run as a script
+from summarize import (  # benchmarks/ is on sys.path when run as a script
+    SHIPPED_CONFIG,
+    SHIPPED_WEIGHTS,
+    write_result,
+)
 from tqdm import tqdm
 
 from spine_d2.align import enhance_pair, side_by_side, vertebrae_from_coco, vertebrae_from_manifest
@@ -167,10 +171,10 @@ def main(argv=None) -> dict:
     )
     ap.add_argument(
         "--weights",
-        default="weights/spine_mask_rcnn_R_18_FPN_drr.pth",
+        default=SHIPPED_WEIGHTS,
         help="without --manifest: export images/test with these weights first (the pipeline)",
     )
-    ap.add_argument("--config-file", default="configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml")
+    ap.add_argument("--config-file", default=SHIPPED_CONFIG)
     ap.add_argument("--export-dir", default="output/bench/align_export")
     ap.add_argument("--tune", type=int, default=10, help="pairs used to tune NLM's h (excluded)")
     ap.add_argument("--max-pairs", type=int, default=0)

@@ -35,10 +35,11 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-from summarize import write_result  # benchmarks/ is on sys.path when run as a script
-
-DEFAULT_CONFIG = "configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml"
-SHIPPED_WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
+from summarize import (  # benchmarks/ is on sys.path when run as a script
+    SHIPPED_CONFIG,
+    SHIPPED_WEIGHTS,
+    write_result,
+)
 
 
 def _parse_size(text: str):
@@ -180,7 +181,7 @@ def bench_size(cfg, model, tv_model, n, width, height, repeats, workdir: Path) -
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config-file", default=DEFAULT_CONFIG)
+    ap.add_argument("--config-file", default=SHIPPED_CONFIG)
     ap.add_argument(
         "--weights",
         default=SHIPPED_WEIGHTS if os.path.isfile(SHIPPED_WEIGHTS) else "",

@@ -23,7 +23,11 @@ import argparse
 import time
 
 import torch
-from summarize import write_result  # benchmarks/ is on sys.path when run as a script
+from summarize import (  # benchmarks/ is on sys.path when run as a script
+    SHIPPED_CONFIG,
+    SHIPPED_WEIGHTS,
+    write_result,
+)
 from tqdm import tqdm
 
 
@@ -36,10 +40,6 @@ def _weights(text: str) -> list:
     if any(w < 0 for w in weights):
         raise argparse.ArgumentTypeError(f"weights must be >= 0: {text!r}")
     return weights
-
-
-CONFIG = "configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml"
-WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
 
 
 def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
@@ -98,8 +98,8 @@ def level_accuracy(
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config-file", default=CONFIG)
-    ap.add_argument("--weights", default=WEIGHTS)
+    ap.add_argument("--config-file", default=SHIPPED_CONFIG)
+    ap.add_argument("--weights", default=SHIPPED_WEIGHTS)
     ap.add_argument("--dataset", default="spine_drr_test")
     ap.add_argument("--spacing-weights", type=_weights, default="0,2,4,8,12,16")
     ap.add_argument("--prior-weights", type=_weights, default="0,0.25,0.5,1,2")

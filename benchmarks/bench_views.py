@@ -26,10 +26,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from summarize import write_result  # benchmarks/ is on sys.path when run as a script
+from summarize import (  # benchmarks/ is on sys.path when run as a script
+    SHIPPED_CONFIG,
+    SHIPPED_WEIGHTS,
+    write_result,
+)
 
-CONFIG = "configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml"
-WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
 KEYS = (
     ("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"), ("bbox", "AP50"),
     ("vertebra", "recall"), ("vertebra", "precision"), ("vertebra", "mean_iou"),
@@ -74,8 +76,8 @@ def evaluate(name, json_file, image_root, out_dir, config, weights) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config-file", default=CONFIG)
-    ap.add_argument("--weights", default=WEIGHTS)
+    ap.add_argument("--config-file", default=SHIPPED_CONFIG)
+    ap.add_argument("--weights", default=SHIPPED_WEIGHTS)
     ap.add_argument("--views", type=int, default=0, help="first N training views (0: all)")
     ap.add_argument("--scans", type=int, default=200)
     ap.add_argument("--seed", type=int, default=777, help="scan seed (the dataset's is 0)")

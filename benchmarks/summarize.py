@@ -9,6 +9,11 @@ import os
 import sys
 from pathlib import Path
 
+# The shipped checkpoint and the config it runs with (its training scale): the default model of
+# the benchmarks that measure the pipeline rather than a training recipe.
+SHIPPED_CONFIG = "configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml"
+SHIPPED_WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
+
 
 def write_result(result: dict, out) -> str:
     """Print a benchmark's result as one JSON line and save it to ``out`` (temp + rename), the
