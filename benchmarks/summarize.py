@@ -72,6 +72,13 @@ HEADLINES = {
          ("level_accuracy_by_spacing_weight.8", "level accuracy, spacing weight 8"),
          ("best_spacing_weight", "best spacing weight")],
     ),
+    "bench_masks": (
+        "python benchmarks/bench_masks.py",
+        [("segm_AP_default", "segm AP, mask threshold 0.5 (spine_drr_val)"),
+         ("segm_AP_flip_default", "segm AP, flip-averaged masks, threshold 0.5"),
+         ("best.threshold", "best mask threshold"),
+         ("best.masks", "best masks (plain / flip)")],
+    ),
     "bench_drr": (
         "python benchmarks/bench_drr.py",
         [("base_view_render_s", "DRR base view render (s)"),
