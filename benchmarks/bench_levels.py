@@ -26,20 +26,12 @@ import torch
 from summarize import (  # benchmarks/ is on sys.path when run as a script
     SHIPPED_CONFIG,
     SHIPPED_WEIGHTS,
+    float_list,
     write_result,
 )
 from tqdm import tqdm
 
-
-def _weights(text: str) -> list:
-    """--spacing-weights, --prior-weights: comma-separated numbers >= 0."""
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}")
-    if any(w < 0 for w in weights):
-        raise argparse.ArgumentTypeError(f"weights must be >= 0: {text!r}")
-    return weights
+_weights = float_list(lambda w: w >= 0, "weights must be >= 0")
 
 
 def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:

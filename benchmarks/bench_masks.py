@@ -27,20 +27,12 @@ import torch
 from summarize import (  # benchmarks/ is on sys.path when run as a script
     SHIPPED_CONFIG,
     SHIPPED_WEIGHTS,
+    float_list,
     write_result,
 )
 from tqdm import tqdm
 
-
-def _thresholds(text: str) -> list:
-    """--thresholds: comma-separated numbers strictly between 0 and 1."""
-    try:
-        values = [float(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}")
-    if any(not 0 < t < 1 for t in values):
-        raise argparse.ArgumentTypeError(f"thresholds must be in (0, 1): {text!r}")
-    return values
+_thresholds = float_list(lambda t: 0 < t < 1, "thresholds must be in (0, 1)")
 
 
 def mirror_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:

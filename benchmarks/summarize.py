@@ -4,6 +4,7 @@ the headline figures, each with the command that made it."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -13,6 +14,22 @@ from pathlib import Path
 # the benchmarks that measure the pipeline rather than a training recipe.
 SHIPPED_CONFIG = "configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml"
 SHIPPED_WEIGHTS = "weights/spine_mask_rcnn_R_18_FPN_drr.pth"
+
+
+def float_list(ok, requirement: str):
+    """argparse type for comma-separated numbers that each pass ``ok``; ``requirement`` words
+    the error (e.g. "weights must be >= 0")."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}")
+        if not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"{requirement}: {text!r}")
+        return values
+
+    return parse
 
 
 def write_result(result: dict, out) -> str:
