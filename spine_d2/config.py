@@ -86,6 +86,10 @@ def add_spine_config(cfg):
     # and its weight in the decoder (nats per nat of prior log-likelihood); 0 = off
     _C.SPINE.LEVEL_HEAD.PRIOR_FILE = ""
     _C.SPINE.LEVEL_HEAD.PRIOR_WEIGHT = 0.0
+    # Context branch (modeling/roi_heads.py): > 1 also pools each proposal's box enlarged this
+    # many times (ribs, pelvis: what tells T1 from C7, L5 from S1) into the class and level
+    # logits, through zero-initialised layers; 0 = off
+    _C.SPINE.LEVEL_HEAD.CONTEXT_SCALE = 0.0
 
     # Training: "SGD" (detectron2's build_optimizer) or "ADAMW" (SOLVER.BASE_LR,
     # SOLVER.WEIGHT_DECAY, no decay on norms and biases). SOLVER.AMP.ENABLED on the CPU

@@ -9,6 +9,12 @@ agree along the spine. Detections gain ``pred_levels`` (indices into SPINE.LEVEL
 (N x len(SPINE.LEVELS), the level branch's evidence; the decoder adds the spacing term and,
 when SPINE.LEVEL_HEAD.PRIOR_WEIGHT > 0, the framing prior: for calibration and
 benchmarks/bench_levels.py).
+
+Context (SPINE.LEVEL_HEAD.CONTEXT_SCALE > 0): a vertebral body alone does not say whether it is
+T1 or C7, L5 or S1; the ribs, clavicles and pelvis around it do. Each proposal's box, enlarged
+about its centre, is pooled and run through the same box head, and two linear layers add its
+evidence to the class and level logits. They start at zero, so a checkpoint trained without
+context loads and predicts exactly as before, and fine-tuning learns how much to use.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
-from detectron2.structures import Instances
+from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from .levels import LevelPrior, decode_levels
@@ -42,6 +48,7 @@ class LevelROIHeads(StandardROIHeads):
         level_prior: Optional[LevelPrior] = None,
         prior_weight: float = 0.0,
         level_names: Sequence[str] = (),
+        context_scale: float = 0.0,
         **kwargs,
     ):
         """
@@ -54,6 +61,8 @@ class LevelROIHeads(StandardROIHeads):
             level_prior, prior_weight: a :class:`LevelPrior` whose log-likelihood, times
                 ``prior_weight``, is added to the level log-probabilities of the decoded
                 detections; ``level_names`` (SPINE.LEVELS) maps its levels to the classes.
+            context_scale: > 1 adds the context branch (module docstring): boxes enlarged by
+                this factor in width and height; 0 = off.
             kwargs: StandardROIHeads' arguments.
         """
         super().__init__(**kwargs)
@@ -74,6 +83,18 @@ class LevelROIHeads(StandardROIHeads):
         self.level_prior = level_prior if prior_weight > 0 else None
         self.prior_weight = prior_weight
         self.level_names = list(level_names)
+        if context_scale and context_scale <= 1:
+            raise ValueError(
+                f"SPINE.LEVEL_HEAD.CONTEXT_SCALE must be 0 (off) or > 1, not {context_scale}"
+            )
+        self.context_scale = float(context_scale)
+        if self.context_scale:
+            dim = self.box_head.output_shape.channels
+            self.context_cls = nn.Linear(dim, self.num_classes + 1)
+            self.context_level = nn.Linear(dim, num_levels)
+            for layer in (self.context_cls, self.context_level):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -89,6 +110,7 @@ class LevelROIHeads(StandardROIHeads):
             level_prior=LevelPrior.load(head.PRIOR_FILE) if head.PRIOR_WEIGHT > 0 else None,
             prior_weight=head.PRIOR_WEIGHT,
             level_names=list(cfg.SPINE.LEVELS),
+            context_scale=head.CONTEXT_SCALE,
         )
         return ret
 
@@ -99,6 +121,13 @@ class LevelROIHeads(StandardROIHeads):
         predictions = self.box_predictor(box_features)
         level_logits = self.level_predictor(box_features).float()
         del box_features
+        if self.context_scale:
+            context = self.box_pooler(features, [self._context_boxes(x) for x in proposals])
+            context = self.box_head(context)
+            scores, deltas = predictions
+            predictions = (scores + self.context_cls(context), deltas)
+            level_logits = level_logits + self.context_level(context).float()
+            del context
         if self.training:
             losses = self.box_predictor.losses(predictions, proposals)
             losses["loss_level"] = self.level_loss_weight * self._level_loss(
@@ -110,6 +139,15 @@ class LevelROIHeads(StandardROIHeads):
         for inst, idx, logits in zip(pred_instances, kept, per_image):
             self._label_levels(inst, logits[idx])
         return pred_instances
+
+    def _context_boxes(self, proposals: Instances) -> Boxes:
+        """The proposal boxes enlarged ``context_scale`` times about their centres, clipped."""
+        boxes = proposals.proposal_boxes.tensor
+        centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+        half = (boxes[:, 2:] - boxes[:, :2]) * (self.context_scale / 2)
+        enlarged = Boxes(torch.cat([centers - half, centers + half], dim=1))
+        enlarged.clip(proposals.image_size)
+        return enlarged
 
     def _level_loss(self, logits: torch.Tensor, proposals: List[Instances]) -> torch.Tensor:
         """Cross-entropy over foreground proposals whose matched vertebra has a known level."""

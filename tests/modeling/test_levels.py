@@ -125,6 +125,53 @@ def test_level_branch_trains_and_labels_every_detection(level_model, synthetic_t
     assert ((inst.level_scores > 0) & (inst.level_scores <= 1)).all()
 
 
+def test_context_branch_loads_old_weights_unchanged_then_learns(level_model, synthetic_train):
+    from detectron2.data import DatasetCatalog
+
+    cfg, model = level_model
+    ctx_cfg = cfg.clone()
+    ctx_cfg.defrost()
+    ctx_cfg.SPINE.LEVEL_HEAD.CONTEXT_SCALE = 3.0
+    ctx_model = build_model(ctx_cfg)
+    missing, unexpected = ctx_model.load_state_dict(model.state_dict(), strict=False)
+    assert sorted(missing) == [
+        f"roi_heads.context_{n}.{p}" for n in ("cls", "level") for p in ("bias", "weight")
+    ]
+    assert unexpected == []
+
+    # enlarged about the centre, clipped to the image
+    props = Instances((128, 128))
+    props.proposal_boxes = Boxes(torch.tensor([[40.0, 40, 60, 50], [100, 0, 120, 10]]))
+    ctx = ctx_model.roi_heads._context_boxes(props).tensor
+    assert ctx.tolist() == [[20.0, 30, 80, 60], [80, 0, 128, 20]]
+
+    record = DatasetCatalog.get(synthetic_train)[0]
+    test_input = XrayDatasetMapper(cfg, is_train=False)(record)
+    model.eval()
+    ctx_model.eval()
+    with torch.no_grad():
+        old = model([test_input])[0]["instances"]
+        new = ctx_model([test_input])[0]["instances"]
+    assert len(old) > 0
+    assert torch.allclose(old.pred_boxes.tensor, new.pred_boxes.tensor)
+    assert torch.allclose(old.scores, new.scores)
+    assert torch.equal(old.pred_levels, new.pred_levels)
+
+    ctx_model.train()
+    batch = [
+        XrayDatasetMapper(cfg, is_train=True)(r) for r in DatasetCatalog.get(synthetic_train)[:2]
+    ]
+    with EventStorage():
+        losses = ctx_model(batch)
+        (losses["loss_cls"] + losses["loss_level"]).backward()
+    assert ctx_model.roi_heads.context_cls.weight.grad.abs().sum() > 0
+    assert ctx_model.roi_heads.context_level.weight.grad.abs().sum() > 0
+
+    ctx_cfg.SPINE.LEVEL_HEAD.CONTEXT_SCALE = 0.8
+    with pytest.raises(ValueError, match="CONTEXT_SCALE must be 0 \\(off\\) or > 1, not 0.8"):
+        build_model(ctx_cfg)
+
+
 def test_label_levels_decodes_confident_detections_only(level_model):
     cfg, model = level_model
     heads = model.roi_heads
