@@ -10,7 +10,7 @@ agree along the spine. Detections gain ``pred_levels`` (indices into SPINE.LEVEL
 when SPINE.LEVEL_HEAD.PRIOR_WEIGHT > 0, the framing prior: for calibration and
 benchmarks/bench_levels.py).
 
-Context (SPINE.LEVEL_HEAD.CONTEXT_SCALE > 0): a vertebral body alone does not say whether it is
+Context (SPINE.LEVEL_HEAD.CONTEXT_SCALE > 1): a vertebral body alone does not say whether it is
 T1 or C7, L5 or S1; the ribs, clavicles and pelvis around it do. Each proposal's box, enlarged
 about its centre, is pooled and run through the same box head, and two linear layers add its
 evidence to the class and level logits. They start at zero, so a checkpoint trained without
@@ -142,9 +142,9 @@ class LevelROIHeads(StandardROIHeads):
 
     def _context_boxes(self, proposals: Instances) -> Boxes:
         """The proposal boxes enlarged ``context_scale`` times about their centres, clipped."""
-        boxes = proposals.proposal_boxes.tensor
-        centers = (boxes[:, :2] + boxes[:, 2:]) / 2
-        half = (boxes[:, 2:] - boxes[:, :2]) * (self.context_scale / 2)
+        boxes = proposals.proposal_boxes
+        centers = boxes.get_centers()
+        half = (boxes.tensor[:, 2:] - boxes.tensor[:, :2]) * (self.context_scale / 2)
         enlarged = Boxes(torch.cat([centers - half, centers + half], dim=1))
         enlarged.clip(proposals.image_size)
         return enlarged
