@@ -322,6 +322,7 @@ def register_builtin(root=None):
     ``datasets``). Splits not generated yet are still registered, so that using one gives an
     error that says which command makes it instead of "dataset not registered"."""
     root = Path(root or os.environ.get("DETECTRON2_DATASETS", "datasets"))
+    _warn_if_stale_aasce(root / "spine_aasce" / "meta.json")
     for name, (json_rel, images_rel, how, *cats) in BUILTIN_SPLITS.items():
         json_file, image_root = root / json_rel, root / images_rel
         if json_file.is_file():
@@ -332,6 +333,26 @@ def register_builtin(root=None):
                 MetadataCatalog.remove(name)
             DatasetCatalog.register(name, _missing_builtin(name, json_file, how))
             MetadataCatalog.get(name).set(evaluator_type="spine_coco", thing_classes=["vertebra"])
+
+
+def _warn_if_stale_aasce(meta_file: Path) -> None:
+    """An older conversion still loads, but lacks the newer label checks: say so, once per
+    registration, rather than silently train or score on films a newer converter skips."""
+    if not meta_file.is_file():
+        return
+    from .aasce import CONVERTER_VERSION  # here: aasce imports this module
+
+    try:
+        version = json.loads(meta_file.read_text(encoding="utf-8")).get("converter_version")
+    except (OSError, ValueError, AttributeError):
+        version = "unreadable"
+    if version != CONVERTER_VERSION:
+        logger.warning(
+            "%s: written by AASCE converter %s, this is %s: run `make data-aasce` again",
+            meta_file,
+            version,
+            CONVERTER_VERSION,
+        )
 
 
 def register_from_config(cfg):

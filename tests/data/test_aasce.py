@@ -82,6 +82,17 @@ def test_ambiguous_order_degenerate_size_outlier_and_overlap_are_skipped():
     assert check_vertebrae(_spine(n=16)).skip_reason == "expected 17 x 4 corners"
 
 
+def test_quads_spanning_the_discs_are_skipped():
+    # bodies 24 px tall with 16 px discs pass; corners paired across the discs instead give
+    # 16 px quads with 24 px gaps between them: bodies shorter than discs
+    assert check_vertebrae(_spine(h=24.0)).skip_reason is None
+    assert check_vertebrae(_spine(h=21.0)).skip_reason is None  # 21 / 19: still a body
+    assert check_vertebrae(_spine(h=16.0)).skip_reason == "disc_shift"
+    tilted = _spine(h=16.0)
+    tilted[:, :, 0] += tilted[:, :, 1] * 0.3  # a leaning spine: heights measured along it
+    assert check_vertebrae(tilted).skip_reason == "disc_shift"
+
+
 def test_patient_key_groups_films_of_one_patient_across_dates():
     assert patient_key("sunhl-1th-02-Jan-2017-162 A AP.jpg") == "patient-162"
     assert patient_key("sunhl-1th-02-Jan-2017-162 B AP.jpg") == "patient-162"
@@ -172,6 +183,16 @@ def test_known_label_error_of_the_readme_is_fixed():
     assert res.polygons is not None and "order" in res.fixed
     ys = [p[:, 1].mean() for p in res.polygons]
     assert ys == sorted(ys)
+
+
+@needs_aasce
+def test_film_labelled_on_the_discs_is_skipped():
+    # this film's quads lie on the discs (README, Real radiographs); the next film is fine
+    labels = AASCE_DIR / "labels/training"
+    res = check_vertebrae(read_landmarks(labels / "sunhl-1th-06-Jan-2017-184 A AP.jpg.mat"))
+    assert res.skip_reason == "disc_shift"
+    res = check_vertebrae(read_landmarks(labels / "sunhl-1th-06-Jan-2017-187 A AP.jpg.mat"))
+    assert res.skip_reason is None
 
 
 def test_csv_landmarks_read_and_bad_rows_name_the_file(tmp_path):

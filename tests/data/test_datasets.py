@@ -152,6 +152,23 @@ def test_builtin_split_missing_says_which_command_makes_it(tmp_path):
         register_builtin()
 
 
+def test_stale_aasce_conversion_is_warned_about(tmp_path, caplog):
+    from spine_d2.data.aasce import CONVERTER_VERSION
+
+    meta = tmp_path / "spine_aasce" / "meta.json"
+    meta.parent.mkdir()
+    try:
+        meta.write_text(json.dumps({"converter_version": CONVERTER_VERSION}))
+        register_builtin(tmp_path)
+        assert "AASCE converter" not in caplog.text
+        meta.write_text(json.dumps({"converter_version": "1.0"}))
+        register_builtin(tmp_path)
+        assert f"written by AASCE converter 1.0, this is {CONVERTER_VERSION}" in caplog.text
+        assert str(meta) in caplog.text
+    finally:
+        register_builtin()
+
+
 def test_categories_keep_only_the_named_classes(coco, tmp_path):
     raw, image_root = coco
     raw = copy.deepcopy(raw)
