@@ -84,13 +84,23 @@ def test_ambiguous_order_degenerate_size_outlier_and_overlap_are_skipped():
 
 def test_quads_spanning_the_discs_are_skipped():
     # bodies 24 px tall with 16 px discs pass; corners paired across the discs instead give
-    # 16 px quads with 24 px gaps between them: bodies shorter than discs
+    # 16 px quads with 24 px gaps between them
     assert check_vertebrae(_spine(h=24.0)).skip_reason is None
-    assert check_vertebrae(_spine(h=21.0)).skip_reason is None  # 21 / 19: still a body
-    assert check_vertebrae(_spine(h=16.0)).skip_reason == "disc_shift"
+    assert check_vertebrae(_spine(h=16.0)).skip_reason == "disc_shift:T1-L5"
     tilted = _spine(h=16.0)
     tilted[:, :, 0] += tilted[:, :, 1] * 0.3  # a leaning spine: heights measured along it
-    assert check_vertebrae(tilted).skip_reason == "disc_shift"
+    assert check_vertebrae(tilted).skip_reason == "disc_shift:T1-L5"
+
+    def across_discs(first, last):  # those quads moved onto the disc below their body
+        q = _spine(h=24.0)
+        q[first : last + 1, :2, 1] += 24.0
+        q[first : last + 1, 2:, 1] += 16.0
+        return q
+
+    # T6..T10 on the discs: gaps T5/T6 (40 px), then 24 px between the 16 px quads, then 0
+    assert check_vertebrae(across_discs(5, 9)).skip_reason == "disc_shift:T5-T10"
+    # two quads on discs make two tall gaps in a row: within what correct films show
+    assert check_vertebrae(across_discs(5, 6)).skip_reason is None
 
 
 def test_patient_key_groups_films_of_one_patient_across_dates():
@@ -190,7 +200,7 @@ def test_film_labelled_on_the_discs_is_skipped():
     # this film's quads lie on the discs (README, Real radiographs); the next film is fine
     labels = AASCE_DIR / "labels/training"
     res = check_vertebrae(read_landmarks(labels / "sunhl-1th-06-Jan-2017-184 A AP.jpg.mat"))
-    assert res.skip_reason == "disc_shift"
+    assert res.skip_reason.startswith("disc_shift:")
     res = check_vertebrae(read_landmarks(labels / "sunhl-1th-06-Jan-2017-187 A AP.jpg.mat"))
     assert res.skip_reason is None
 
