@@ -75,8 +75,8 @@ MAX_OVERLAP = 0.25
 MIN_SORTED_GAP = 0.35
 # A body's area relative to the median of its image: T1 to L5 vary about 3x, not more.
 MIN_AREA_RATIO, MAX_AREA_RATIO = 0.2, 5.0
-# Consecutive gaps taller than both neighbouring quads from which the quads span the discs.
-MAX_DISC_RUN = 3
+# This many gaps in a row, each taller than both quads beside it, mean the quads span the discs.
+MIN_DISC_RUN = 3
 
 _PATIENT_RE = re.compile(r"-(\d+) [A-Z]+ AP")
 _CORONAL_RE = re.compile(r"^(.*-coronal)\d+$")
@@ -267,7 +267,7 @@ def check_vertebrae(quads: np.ndarray, levels=AASCE_LEVELS) -> CheckResult:
 
 
 def _disc_run(polys):
-    """(first, last) vertebra index of the first run of ``MAX_DISC_RUN`` or more gaps each taller
+    """(first, last) vertebra index of the first run of ``MIN_DISC_RUN`` or more gaps each taller
     than both quads beside it, or None; heights from the edge midpoints of polygons drawn TL,
     TR, BR, BL and sorted top to bottom."""
     p = np.asarray(polys)
@@ -280,7 +280,7 @@ def _disc_run(polys):
         if t and start is None:
             start = i
         elif not t and start is not None:
-            if i - start >= MAX_DISC_RUN:
+            if i - start >= MIN_DISC_RUN:
                 return start, i  # gaps start..i-1 lie between vertebrae start..i
             start = None
     return None
