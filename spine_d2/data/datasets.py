@@ -346,13 +346,29 @@ def _warn_if_stale_aasce(meta_file: Path) -> None:
         version = json.loads(meta_file.read_text(encoding="utf-8")).get("converter_version")
     except (OSError, ValueError, AttributeError):
         version = "unreadable"
-    if version != CONVERTER_VERSION:
-        logger.warning(
-            "%s: written by AASCE converter %s, this is %s: run `make data-aasce` again",
-            meta_file,
-            version,
-            CONVERTER_VERSION,
-        )
+    if version == CONVERTER_VERSION:
+        return
+    # A newer converter's output: re-converting here would drop its checks, not add them.
+    fix = (
+        "update spine-d2"
+        if _version_key(version) > _version_key(CONVERTER_VERSION)
+        else "run `make data-aasce` again"
+    )
+    logger.warning(
+        "%s: written by AASCE converter %s, this is %s: %s",
+        meta_file,
+        version,
+        CONVERTER_VERSION,
+        fix,
+    )
+
+
+def _version_key(version) -> tuple:
+    """'1.10' > '1.9'; anything unparsable sorts first (treated as old)."""
+    try:
+        return tuple(int(part) for part in str(version).split("."))
+    except ValueError:
+        return ()
 
 
 def register_from_config(cfg):

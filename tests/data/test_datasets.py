@@ -165,6 +165,17 @@ def test_stale_aasce_conversion_is_warned_about(tmp_path, caplog):
         register_builtin(tmp_path)
         assert f"written by AASCE converter 1.0, this is {CONVERTER_VERSION}" in caplog.text
         assert str(meta) in caplog.text
+        assert "run `make data-aasce` again" in caplog.text
+        caplog.clear()
+        meta.write_text("{not json")
+        register_builtin(tmp_path)
+        assert "written by AASCE converter unreadable" in caplog.text
+        caplog.clear()
+        # a newer converter's output is not to be re-converted with this older one
+        meta.write_text(json.dumps({"converter_version": "99.0"}))
+        register_builtin(tmp_path)
+        assert "converter 99.0" in caplog.text and "update spine-d2" in caplog.text
+        assert "make data-aasce" not in caplog.text
     finally:
         register_builtin()
 
