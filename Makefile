@@ -53,7 +53,7 @@ data-aasce: $(VENV)/.installed  ## convert AASCE_SRC to COCO under $DETECTRON2_D
 level-prior-aasce: $(VENV)/.installed  ## refit the level decoder's framing prior on spine_aasce_train (the committed configs/aasce/level_prior_aasce_train.json)
 	$(PY) tools/fit_level_prior.py --dataset spine_aasce_train --out configs/aasce/level_prior_aasce_train.json
 
-train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~4.5 h)
+train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~4.5-6 h)
 	@test -f $(DETECTRON2_DATASETS)/spine_aasce/train.json || { echo "The AASCE dataset is missing: run 'make data-aasce' first."; exit 1; }
 	@for cfg in $(AASCE_CHAIN); do \
 	  echo "== $$cfg"; $(PY) tools/train_net.py --config-file $$cfg --resume || exit 1; done
