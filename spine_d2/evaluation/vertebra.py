@@ -240,14 +240,7 @@ class VertebraEvaluator(DatasetEvaluator):
                     if gt["levels"][g] is not None and pred["levels"][p] is not None:
                         level_pairs += 1
                         level_hits += str(pred["levels"][p]) == gt["levels"][g]
-            per_image.append(
-                {
-                    "image_id": image_id,
-                    "num_gt": len(gt["rles"]),
-                    "num_pred": n_pred,
-                    "num_matched": len(main),
-                }
-            )
+            per_image.append(_image_errors(image_id, gt, pred, pairs, main, n_pred))
 
         recall = _ratio(found, num_gt)
         precision = _ratio(found, num_pred)  # one-to-one: matched preds == matched GT
@@ -308,6 +301,41 @@ class VertebraEvaluator(DatasetEvaluator):
         with open(tmp, "w") as f:  # temp name + replace: readers never see a half-written file
             json.dump(payload, f, indent=1, default=str)
         os.replace(tmp, path)
+
+
+def _image_errors(image_id, gt, pred, pairs, main, n_pred):
+    """One image's counts and what went wrong, for error analysis (tools/error_report.py).
+
+    ``missed``: each unmatched GT vertebra (``index`` among the record's non-crowd annotations),
+    its level (None without one) and the IoU of the prediction greedily paired with it below the
+    threshold (0.0: nothing overlapped it, so a detection miss rather than a poor mask).
+    ``level_errors``: matched pairs named differently.
+    """
+    matched = {g for g, _, _ in main}
+    partial = {g: iou for g, _, iou in pairs if g not in matched}
+    levels = pred["levels"]
+    return {
+        "image_id": image_id,
+        "file_name": gt.get("file_name"),
+        "num_gt": len(gt["rles"]),
+        "num_pred": n_pred,
+        "num_matched": len(main),
+        "false_positives": n_pred - len(main),
+        "gt_levels": list(gt["levels"]),
+        "missed": [
+            {"index": g, "level": gt["levels"][g], "best_iou": round(partial.get(g, 0.0), 4)}
+            for g in range(len(gt["rles"]))
+            if g not in matched
+        ],
+        "level_errors": [
+            {"gt": gt["levels"][g], "pred": str(levels[p])}
+            for g, p, _ in sorted(main)  # GT order: top to bottom where the GT is ordered
+            if levels is not None
+            and gt["levels"][g] is not None
+            and levels[p] is not None
+            and str(levels[p]) != gt["levels"][g]
+        ],
+    }
 
 
 def _ratio(num, den):
@@ -371,12 +399,13 @@ def _on_crowd(gt, pred, matched, thresh):
 
 
 def _load_ground_truth(dataset_name):
-    """image_id -> {"size", "rles", "classes", "levels", "truncated", "crowd_rles",
+    """image_id -> {"file_name", "size", "rles", "classes", "levels", "truncated", "crowd_rles",
     "crowd_classes"}; the per-GT lists are aligned, None where an attribute is absent."""
     gt = OrderedDict()
     for record in DatasetCatalog.get(dataset_name):
         h, w = int(record["height"]), int(record["width"])
         entry = {
+            "file_name": record.get("file_name"),
             "size": (h, w),
             "rles": [],
             "classes": [],

@@ -247,3 +247,26 @@ def test_recall_split_into_whole_and_truncated_vertebrae():
     with registered(two_images()) as name:  # no truncated attribute: no split reported
         m = run(VertebraEvaluator(name), [0, 1], outputs)["vertebra"]
     assert "recall_whole" not in m and "recall_truncated" not in m
+
+
+def test_saved_per_image_errors_name_misses_false_positives_and_level_errors(tmp_path):
+    masks = [rect_mask(*r) for r in RECTS]
+    shifted_t12 = rect_mask(42, 50, 38, 22)  # 8 of its 22 rows on T12: IoU 8/36, a poor mask
+    stray = rect_mask(0, 0, 10, 10)
+    out0 = prediction([masks[0], shifted_t12, masks[3], stray])  # L1 not found at all
+    out0["pred_levels"] = ["T11", "T12", "L1", "T1"]  # L2 named L1
+    outputs = [out0, prediction(masks)]
+    with registered(two_images()) as name:
+        m = run(VertebraEvaluator(name, output_dir=str(tmp_path)), [0, 1], outputs)["vertebra"]
+    saved = json.loads((tmp_path / "vertebra_results.json").read_text())["per_image"]
+    img0, img1 = saved
+    assert img0["file_name"] == "img0.png" and img0["num_matched"] == 2
+    assert img0["missed"] == [
+        {"index": 1, "level": "T12", "best_iou": round(8 / 36, 4)},
+        {"index": 2, "level": "L1", "best_iou": 0.0},
+    ]
+    assert img0["false_positives"] == 2 and img0["num_pred"] == 4
+    assert img0["level_errors"] == [{"gt": "L2", "pred": "L1"}]
+    assert img0["gt_levels"] == LEVELS
+    assert (img1["missed"], img1["false_positives"], img1["level_errors"]) == ([], 0, [])
+    assert m["recall"] == 6 / 8 and m["precision"] == 6 / 8

@@ -1,0 +1,231 @@
+"""Where a model goes wrong, film by film: read back VertebraEvaluator's ``vertebra_results.json``.
+
+The aggregate metrics say how often a vertebra is missed; choosing what to fix needs which ones
+(levels, films), whether a miss had a poor mask near it or nothing at all, and whether wrong level
+names come from a chain shifted by one (the lowest body found taking the name of a missed one
+below it). ``tools/error_report.py`` is the command line; this module holds the logic.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+
+from ..config import VERTEBRA_LEVELS
+from ..errors import SpineError
+
+__all__ = [
+    "load_vertebra_results",
+    "film_shift",
+    "summarize_errors",
+    "write_errors_csv",
+    "worst_films",
+    "error_overlay",
+]
+
+RESULTS_NAME = "vertebra_results.json"
+
+
+def load_vertebra_results(path) -> dict:
+    """The payload VertebraEvaluator saved (``path``: the file or its folder)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS_NAME
+    if not p.is_file():
+        raise SpineError(f"{p}: no such file (evaluate with an output dir: tools/train_net.py)")
+    try:
+        payload = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SpineError(f"{p}: not readable as JSON ({e})") from None
+    per_image = payload.get("per_image") if isinstance(payload, dict) else None
+    if not isinstance(per_image, list):
+        raise SpineError(f"{p}: no per_image list: not a VertebraEvaluator result")
+    if per_image and "missed" not in per_image[0]:
+        raise SpineError(
+            f"{p}: written by an older spine-d2 without per-image errors; evaluate again"
+        )
+    payload["path"] = str(p)
+    return payload
+
+
+def _rank(levels):
+    return {lvl: i for i, lvl in enumerate(levels)}
+
+
+def film_shift(film: dict, levels=VERTEBRA_LEVELS) -> int:
+    """The film's most common level offset among its wrong names (predicted index minus true
+    index: +1 = named one level too low, i.e. towards the sacrum); 0 without level errors."""
+    rank = _rank(levels)
+    offsets = [
+        rank[e["pred"]] - rank[e["gt"]]
+        for e in film["level_errors"]
+        if e["pred"] in rank and e["gt"] in rank
+    ]
+    if not offsets:
+        return 0
+    counts = Counter(offsets).most_common()
+    best = counts[0][1]
+    return min((o for o, n in counts if n == best), key=abs)  # ties: the smaller shift
+
+
+def _end_levels(film, rank):
+    known = [lvl for lvl in film.get("gt_levels") or [] if lvl in rank]
+    if not known:
+        return None, None
+    return min(known, key=rank.get), max(known, key=rank.get)
+
+
+def summarize_errors(payload: dict, levels=VERTEBRA_LEVELS) -> dict:
+    """Counts over the films: misses by level and kind, false positives, level errors by shift."""
+    rank = _rank(levels)
+    films = payload["per_image"]
+    missed = [m for f in films for m in f["missed"]]
+    by_level = Counter(m["level"] for m in missed if m["level"] is not None)
+    shifts, down_bottom_missed, up_top_missed = Counter(), 0, 0
+    for f in films:
+        k = film_shift(f, levels)
+        if not k:
+            continue
+        shifts[f"{k:+d}"] += 1
+        top, bottom = _end_levels(f, rank)
+        missed_levels = {m["level"] for m in f["missed"]}
+        down_bottom_missed += k > 0 and bottom in missed_levels
+        up_top_missed += k < 0 and top in missed_levels
+    matched = sum(f["num_matched"] for f in films)
+    level_errors = sum(len(f["level_errors"]) for f in films)
+    return {
+        "results": payload.get("path"),
+        "dataset": payload.get("dataset"),
+        "iou_thresh": payload.get("iou_thresh"),
+        "score_thresh": payload.get("score_thresh"),
+        "films": len(films),
+        "films_with_miss": sum(bool(f["missed"]) for f in films),
+        "gt": sum(f["num_gt"] for f in films),
+        "missed": len(missed),
+        # A miss with a prediction overlapping it below the IoU threshold is a mask/box that
+        # landed poorly; one with nothing over it is a detection miss (or one under the score cut).
+        "missed_with_partial_mask": sum(m["best_iou"] > 0 for m in missed),
+        "missed_with_nothing": sum(m["best_iou"] == 0 for m in missed),
+        "missed_by_level": {
+            lvl: by_level[lvl] for lvl in sorted(by_level, key=lambda v: (rank.get(v, 1e9), v))
+        },
+        "false_positives": sum(f["false_positives"] for f in films),
+        "films_with_false_positive": sum(f["false_positives"] > 0 for f in films),
+        "matched": matched,
+        "level_errors": level_errors,
+        "films_with_level_errors": sum(bool(f["level_errors"]) for f in films),
+        "films_by_shift": dict(sorted(shifts.items(), key=lambda kv: int(kv[0]))),
+        "films_too_low_with_bottom_missed": int(down_bottom_missed),
+        "films_too_high_with_top_missed": int(up_top_missed),
+    }
+
+
+def _missed_text(film):
+    return " ".join(
+        f"{m['level'] or '?'}~{m['best_iou']:.2f}" if m["best_iou"] > 0 else f"{m['level'] or '?'}"
+        for m in film["missed"]
+    )
+
+
+def write_errors_csv(payload: dict, path, levels=VERTEBRA_LEVELS) -> str:
+    """One row per film, worst first; written to a temp name and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "file_name",
+                "image_id",
+                "num_gt",
+                "num_pred",
+                "num_matched",
+                "missed",
+                "false_positives",
+                "level_errors",
+                "shift",
+            ]
+        )
+        for film in worst_films(payload["per_image"]):
+            w.writerow(
+                [
+                    film.get("file_name") or "",
+                    film["image_id"],
+                    film["num_gt"],
+                    film["num_pred"],
+                    film["num_matched"],
+                    _missed_text(film),
+                    film["false_positives"],
+                    " ".join(f"{e['gt']}->{e['pred']}" for e in film["level_errors"]),
+                    f"{film_shift(film, levels):+d}" if film["level_errors"] else "",
+                ]
+            )
+    os.replace(tmp, path)
+    return str(path)
+
+
+def _badness(film):
+    return len(film["missed"]) + film["false_positives"] + len(film["level_errors"])
+
+
+def worst_films(per_image: list) -> list:
+    """Films sorted by misses + false positives + wrong levels, most first (stable)."""
+    return sorted(per_image, key=_badness, reverse=True)
+
+
+# BGR
+_FOUND, _MISSED, _PRED = (80, 200, 80), (0, 215, 255), (255, 0, 255)
+
+
+def error_overlay(image01: np.ndarray, record: dict, preds: list, film: dict, height=1024):
+    """BGR uint8 picture of one film: true outlines green when found and yellow when missed (with
+    their level), the predictions kept by the evaluator in magenta, and a one-line caption.
+
+    ``image01``: the film as float [0, 1] HxW; ``record``: its dataset dict (annotations in
+    original pixels); ``preds``: its COCO-json predictions at or above the score threshold."""
+    f = height / image01.shape[0]
+    w = max(1, round(image01.shape[1] * f))
+    img = cv2.resize(np.round(image01 * 255).astype(np.uint8), (w, height), cv2.INTER_AREA)
+    img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    for p in preds:
+        m = mask_util.decode(p["segmentation"]).astype(np.uint8)
+        m = cv2.resize(m, (w, height), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(img, contours, -1, _PRED, 1, cv2.LINE_AA)
+    missed = {m["index"] for m in film["missed"]}
+    anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+    for g, ann in enumerate(anns):  # the evaluator's GT order: non-crowd annotations
+        seg = ann.get("segmentation")
+        if not isinstance(seg, list):
+            continue
+        level = ann.get("level")
+        is_missed = g in missed
+        colour = _MISSED if is_missed else _FOUND
+        pts = [np.round(np.asarray(s, np.float64).reshape(-1, 2) * f).astype(np.int32) for s in seg]
+        cv2.polylines(img, pts, True, colour, 2 if is_missed else 1, cv2.LINE_AA)
+        if level:
+            x, y = np.concatenate(pts).min(0)
+            cv2.putText(img, str(level), (max(0, int(x) - 26), int(y) + 12),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)  # fmt: skip
+    caption = f"missed {_missed_text(film) or '-'} | FP {film['false_positives']} | levels " + (
+        " ".join(f"{e['gt']}->{e['pred']}" for e in film["level_errors"]) or "ok"
+    )
+    # Wrapped to the film's width: tall AP films are narrow.
+    per_line = max(20, (img.shape[1] - 8) // 7)
+    words, lines = caption.split(" "), [""]
+    for word in words:
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > per_line:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {word}".strip()
+    bar = np.zeros((16 * len(lines) + 6, img.shape[1], 3), np.uint8)
+    for i, line in enumerate(lines):
+        cv2.putText(bar, line, (4, 15 + 16 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+    return np.vstack([bar, img])

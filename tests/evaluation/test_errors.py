@@ -1,0 +1,160 @@
+"""Error analysis (spine_d2.evaluation.errors, tools/error_report.py) on hand-made results and
+on a real evaluation of synthetic 128x128 scans."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.structures import Instances
+
+from spine_d2.errors import SpineError
+from spine_d2.evaluation import VertebraEvaluator
+from spine_d2.evaluation.errors import (
+    film_shift,
+    load_vertebra_results,
+    summarize_errors,
+    worst_films,
+)
+from spine_d2.evaluation.vertebra import masks_to_rles
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "error_report.py"
+LEVELS = ["T1", "T2", "T3", "L4", "L5"]
+
+
+def film(image_id, missed=(), fp=0, errors=(), gt_levels=LEVELS):
+    return {
+        "image_id": image_id,
+        "file_name": f"f{image_id}.png",
+        "num_gt": len(gt_levels),
+        "num_pred": len(gt_levels) - len(missed) + fp,
+        "num_matched": len(gt_levels) - len(missed),
+        "false_positives": fp,
+        "gt_levels": list(gt_levels),
+        "missed": [{"index": LEVELS.index(l), "level": l, "best_iou": iou} for l, iou in missed],
+        "level_errors": [{"gt": g, "pred": p} for g, p in errors],
+    }
+
+
+def test_shift_is_the_most_common_offset():
+    assert film_shift(film(0, errors=[("T2", "T3"), ("T3", "L4"), ("L4", "L5")])) == 1
+    assert film_shift(film(0, errors=[("T2", "T1"), ("T3", "T2"), ("L5", "T3")])) == -1
+    assert film_shift(film(0)) == 0
+
+
+def test_summary_counts_misses_shifts_and_ends():
+    payload = {
+        "dataset": "d",
+        "per_image": [
+            # chain one too low, L5 not found: the lowest body found took its name
+            film(0, missed=[("L5", 0.0), ("T1", 0.3)], errors=[("T3", "L4"), ("L4", "L5")]),
+            film(1, missed=[("T1", 0.0)], fp=2, errors=[("T2", "T1"), ("T3", "T2")]),
+            film(2),
+        ],
+    }
+    s = summarize_errors(payload)
+    assert (s["films"], s["films_with_miss"], s["missed"], s["gt"]) == (3, 2, 3, 15)
+    assert s["missed_by_level"] == {"T1": 2, "L5": 1}  # anatomical order, not alphabetical
+    assert (s["missed_with_partial_mask"], s["missed_with_nothing"]) == (1, 2)
+    assert s["films_by_shift"] == {"-1": 1, "+1": 1}
+    assert s["films_too_low_with_bottom_missed"] == 1 and s["films_too_high_with_top_missed"] == 1
+    assert (s["false_positives"], s["level_errors"], s["matched"]) == (2, 4, 12)
+    # badness = misses + false positives + wrong names: film 1 has 5, film 0 has 4
+    assert [f["image_id"] for f in worst_films(payload["per_image"])] == [1, 0, 2]
+
+
+def test_bad_results_files_are_named(tmp_path):
+    with pytest.raises(SpineError, match="vertebra_results.json: no such file"):
+        load_vertebra_results(tmp_path)
+    bad = tmp_path / "vertebra_results.json"
+    bad.write_text("{not json")
+    with pytest.raises(SpineError, match="not readable as JSON"):
+        load_vertebra_results(bad)
+    bad.write_text(json.dumps({"per_image": [{"image_id": 1, "num_gt": 3}]}))
+    with pytest.raises(SpineError, match="older spine-d2"):
+        load_vertebra_results(tmp_path)
+
+
+def _prediction(masks, levels, size):
+    inst = Instances((size, size))
+    inst.pred_masks = torch.as_tensor(np.stack(masks))
+    inst.scores = torch.full((len(masks),), 0.9)
+    inst.pred_classes = torch.zeros(len(masks), dtype=torch.int64)
+    return {"instances": inst, "pred_levels": list(levels)}
+
+
+def _gt_masks(record):
+    h, w = record["height"], record["width"]
+    return [
+        mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], h, w))) > 0
+        for a in record["annotations"]
+    ]
+
+
+def test_report_from_a_real_evaluation(synthetic_train, tmp_path):
+    all_records = DatasetCatalog.get(synthetic_train)
+    records = all_records[:2]
+    size = records[0]["height"]
+    eval_dir = tmp_path / "inference"
+    evaluator = VertebraEvaluator(synthetic_train, output_dir=str(eval_dir))
+    evaluator.reset()
+    coco = []
+    for k, rec in enumerate(all_records):
+        masks = _gt_masks(rec)
+        levels = [a["level"] for a in rec["annotations"]]
+        if k == 0:  # image 0: its second vertebra missed, a stray blob found instead
+            stray = np.zeros((size, size), bool)
+            stray[2:10, 2:10] = True
+            masks, levels = masks[:1] + masks[2:] + [stray], levels[:1] + levels[2:] + ["C7"]
+        elif k == 1:  # image 1: everything found, every name one level too low
+            levels = levels[1:] + ["L5"]
+        out = _prediction(masks, levels, size)
+        evaluator.process([{"image_id": rec["image_id"]}], [out])
+        for rle in masks_to_rles(np.stack(masks)):
+            rle["counts"] = rle["counts"].decode("ascii")
+            coco.append({"image_id": rec["image_id"], "category_id": 0, "segmentation": rle,
+                         "score": 0.9})  # fmt: skip
+    evaluator.evaluate()
+    (eval_dir / "coco_instances_results.json").write_text(json.dumps(coco))
+
+    spec = importlib.util.spec_from_file_location("error_report", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "errors"
+    assert tool.main([str(eval_dir), "--out", str(out), "--overlays", "2"]) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["missed"], summary["false_positives"]) == (1, 1)
+    assert summary["films_by_shift"] == {"+1": 1}
+    rows = list(csv.DictReader((out / "errors.csv").open()))
+    assert len(rows) == len(all_records)
+    first = {r["image_id"]: r for r in rows}[str(records[0]["image_id"])]
+    assert first["missed"] == records[0]["annotations"][1]["level"]  # nothing overlapped it
+    assert first["false_positives"] == "1"
+    second = {r["image_id"]: r for r in rows}[str(records[1]["image_id"])]
+    assert second["shift"] == "+1" and second["missed"] == ""
+
+    pngs = sorted((out / "overlays").glob("*.png"))
+    assert len(pngs) == 2
+    yellow = [int(np.all(cv2.imread(str(p)) == (0, 215, 255), axis=2).sum()) for p in pngs]
+    by_name = dict(zip([p.name for p in pngs], yellow))
+    missed_png = next(n for n in by_name if Path(records[0]["file_name"]).stem in n)
+    shifted_png = next(n for n in by_name if Path(records[1]["file_name"]).stem in n)
+    assert by_name[missed_png] > 20 and by_name[shifted_png] == 0  # only the miss is yellow
+
+
+def test_overlays_need_the_dataset_registered(tmp_path):
+    results = {"dataset": "spine_not_registered_here", "score_thresh": 0.5,
+               "per_image": [film(0, missed=[("T1", 0.0)])]}  # fmt: skip
+    (tmp_path / "vertebra_results.json").write_text(json.dumps(results))
+    spec = importlib.util.spec_from_file_location("error_report", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(tmp_path), "--overlays", "1"]) == 1
+    assert not (tmp_path / "errors" / "summary.json").exists()

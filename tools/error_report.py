@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Film-by-film errors of an evaluation: which vertebrae were missed, false positives, wrong levels.
+
+Reads what an evaluation wrote (``OUTPUT_DIR/inference/<dataset>/vertebra_results.json`` and,
+for the overlays, ``coco_instances_results.json`` beside it) and writes into ``--out`` (default:
+``errors/`` beside the results): ``errors.csv`` (one row per film, worst first),
+``summary.json`` (also printed) and, with ``--overlays N``, PNGs of the N worst films.
+
+    python tools/error_report.py output/aasce/run/inference/spine_aasce_val --overlays 8
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+from detectron2.data import DatasetCatalog
+from detectron2.utils.logger import setup_logger
+from tqdm import tqdm
+
+import spine_d2  # noqa: F401  (registers the built-in datasets)
+from spine_d2.config import VERTEBRA_LEVELS
+from spine_d2.data.io import read_scan
+from spine_d2.errors import SpineError
+from spine_d2.evaluation.errors import (
+    error_overlay,
+    load_vertebra_results,
+    summarize_errors,
+    worst_films,
+    write_errors_csv,
+)
+
+
+def _write_atomic(path: Path, data: bytes):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _overlays(payload, results_dir: Path, out: Path, n: int) -> list:
+    dataset = payload.get("dataset")
+    if dataset not in DatasetCatalog.list():
+        raise SpineError(
+            f"{payload['path']}: dataset '{dataset}' is not registered here, so its films "
+            "cannot be drawn (is DETECTRON2_DATASETS set as for the evaluation?)"
+        )
+    coco = results_dir / "coco_instances_results.json"
+    try:
+        predictions = json.loads(coco.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpineError(f"{coco}: needed for --overlays and not readable ({e})") from None
+    thresh = float(payload.get("score_thresh") or 0.0)
+    by_image = defaultdict(list)
+    for p in predictions:
+        if p.get("score", 0.0) >= thresh and "segmentation" in p:
+            by_image[p["image_id"]].append(p)
+    records = {r["image_id"]: r for r in DatasetCatalog.get(dataset)}
+    films = [f for f in worst_films(payload["per_image"]) if f["missed"] or f["level_errors"]
+             or f["false_positives"]][:n]  # fmt: skip
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    written = []
+    for rank, film in enumerate(tqdm(films, desc="overlays", unit="film"), 1):
+        record = records.get(film["image_id"])
+        if record is None:
+            raise SpineError(f"{payload['path']}: image_id {film['image_id']} is not in {dataset}")
+        img = error_overlay(read_scan(record["file_name"]).image, record,
+                            by_image.get(film["image_id"], []), film)  # fmt: skip
+        ok, png = cv2.imencode(".png", img)
+        stem = Path(str(record["file_name"])).stem.replace(" ", "_")
+        path = out / "overlays" / f"{rank:03d}_{stem}.png"
+        _write_atomic(path, png.tobytes())
+        written.append(str(path))
+    return written
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("results", help="vertebra_results.json or the folder holding it")
+    ap.add_argument("--out", default=None, help="output folder (default: errors/ beside results)")
+    ap.add_argument("--overlays", type=int, default=0, help="draw the N worst films as PNG")
+    args = ap.parse_args(argv)
+    setup_logger(name="spine_d2")
+    try:
+        payload = load_vertebra_results(args.results)
+        results_dir = Path(payload["path"]).parent
+        out = Path(args.out) if args.out else results_dir / "errors"
+        out.mkdir(parents=True, exist_ok=True)
+        summary = summarize_errors(payload, VERTEBRA_LEVELS)
+        summary["csv"] = write_errors_csv(payload, out / "errors.csv", VERTEBRA_LEVELS)
+        if args.overlays > 0:
+            summary["overlays"] = _overlays(payload, results_dir, out, args.overlays)
+        _write_atomic(out / "summary.json", json.dumps(summary, indent=1).encode("utf-8"))
+    except SpineError as e:
+        print(f"error_report: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in summary.items() if k != "overlays"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
