@@ -32,3 +32,21 @@ def test_thresholds_and_weights_parse_in_order():
     assert bench_levels._weights("0,2.5") == [0.0, 2.5]
     with pytest.raises(Exception, match="weights must be >= 0"):
         bench_levels._weights("1,-1")
+
+
+def test_end_drops_remove_the_top_and_the_bottom_detection_and_reindex_pairs():
+    import numpy as np
+
+    # three detections listed out of top-to-bottom order: y centres 50, 10, 90
+    boxes = np.array([[0, 40, 10, 60], [0, 0, 10, 20], [0, 80, 10, 100]], dtype=np.float32)
+    log_probs = np.log(np.eye(3) * 0.9 + 0.05)
+    pairs = [(1, 0), (0, 1), (2, 2)]  # (gt index, detection index)
+    items = [(boxes, 100, log_probs, pairs, ["T1", "T2", "T3"])]
+    out = bench_levels.with_end_drops(items)
+    assert len(out) == 3 and out[0][3] == pairs
+    no_top, no_bottom = out[1], out[2]
+    assert no_top[0].tolist() == boxes[[0, 2]].tolist() and no_top[3] == [(1, 0), (2, 1)]
+    assert no_top[2].tolist() == log_probs[[0, 2]].tolist()
+    assert no_bottom[0].tolist() == boxes[[0, 1]].tolist() and no_bottom[3] == [(1, 0), (0, 1)]
+    # two detections or fewer: nothing to drop without emptying the chain
+    assert len(bench_levels.with_end_drops([(boxes[:2], 100, log_probs[:2], [], [])])) == 1

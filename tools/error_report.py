@@ -69,6 +69,8 @@ def _overlays(payload, results_dir: Path, out: Path, n: int) -> list:
         img = error_overlay(read_scan(record["file_name"]).image, record,
                             by_image.get(film["image_id"], []), film)  # fmt: skip
         ok, png = cv2.imencode(".png", img)
+        if not ok:
+            raise SpineError(f"{record['file_name']}: the overlay could not be encoded as PNG")
         stem = Path(str(record["file_name"])).stem.replace(" ", "_")
         path = out / "overlays" / f"{rank:03d}_{stem}.png"
         _write_atomic(path, png.tobytes())

@@ -193,7 +193,8 @@ def error_overlay(image01: np.ndarray, record: dict, preds: list, film: dict, he
     original pixels); ``preds``: its COCO-json predictions at or above the score threshold."""
     f = height / image01.shape[0]
     w = max(1, round(image01.shape[1] * f))
-    img = cv2.resize(np.round(image01 * 255).astype(np.uint8), (w, height), cv2.INTER_AREA)
+    img = np.round(image01 * 255).astype(np.uint8)
+    img = cv2.resize(img, (w, height), interpolation=cv2.INTER_AREA)
     img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
     for p in preds:
         m = mask_util.decode(p["segmentation"]).astype(np.uint8)

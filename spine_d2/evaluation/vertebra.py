@@ -104,7 +104,9 @@ class VertebraEvaluator(DatasetEvaluator):
             model_levels: the level names that ``instances.pred_levels`` indexes (SPINE.LEVELS);
                 default C1..S1.
             distributed: gather predictions from all ranks and evaluate on the main one.
-            output_dir: if given, ``vertebra_results.json`` is written there.
+            output_dir: if given, ``vertebra_results.json`` is written there: the metrics and,
+                per image, what was missed, the false positives and the wrong levels
+                (``_image_errors``; read back by tools/error_report.py).
         """
         self._dataset_name = dataset_name
         self._iou_thresh = float(iou_thresh)
