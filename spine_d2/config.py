@@ -37,6 +37,14 @@ def add_spine_config(cfg):
     _C.INPUT.XRAY.CLAHE.CLIP_LIMIT = (1.0, 3.0)  # sampled uniformly
     _C.INPUT.XRAY.CLAHE.TILE_GRID = 8  # tiles per side
 
+    # CLAHE on every scan, in training and in inference alike, right after the resize: a fixed
+    # preprocessing step (unlike the random CLAHE above) that a model trained with it needs at
+    # inference too, so it lives in the model's config. For bone under dense overlap (shoulders,
+    # pelvis) on full-spine films.
+    _C.INPUT.XRAY.EQUALIZE = CN({"ENABLED": False})
+    _C.INPUT.XRAY.EQUALIZE.CLIP_LIMIT = 2.0
+    _C.INPUT.XRAY.EQUALIZE.TILE_GRID = 8  # tiles per side
+
     _C.INPUT.XRAY.GAMMA = CN({"ENABLED": True})
     _C.INPUT.XRAY.GAMMA.PROB = 0.5
     _C.INPUT.XRAY.GAMMA.RANGE = (0.7, 1.5)  # exponent, sampled log-uniformly

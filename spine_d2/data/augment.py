@@ -266,18 +266,26 @@ class RandomScaleJitter(T.Augmentation):
 
 def build_xray_augmentations(cfg, is_train: bool) -> list:
     """Train: resize, geometric, then photometric augmentations enabled under INPUT.XRAY.
-    Test: resize only.
+    Test: resize only. With INPUT.XRAY.EQUALIZE, both apply a fixed CLAHE right after the resize.
 
     Photometric order follows acquisition then display: blur (detector), dose (noise), then
     CLAHE, gamma, window and invert (what a viewer does to the acquired scan).
     """
-    if not is_train:
-        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
     x = cfg.INPUT.XRAY
+    # Before any rotation: the canvas it adds would count in the tile histograms.
+    equalize = (
+        [CLAHETransform(float(x.EQUALIZE.CLIP_LIMIT), int(x.EQUALIZE.TILE_GRID))]
+        if x.EQUALIZE.ENABLED
+        else []
+    )
+    if not is_train:
+        resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
+        return [resize, *equalize]
     augs = [
         T.ResizeShortestEdge(
             cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
-        )
+        ),
+        *equalize,
     ]
     if x.SCALE_JITTER.ENABLED:
         augs.append(RandomScaleJitter(tuple(x.SCALE_JITTER.RANGE)))

@@ -110,7 +110,8 @@ def summarize_errors(payload: dict, levels=VERTEBRA_LEVELS) -> dict:
         "gt": sum(f["num_gt"] for f in films),
         "missed": len(missed),
         # A miss with a prediction overlapping it below the IoU threshold is a mask/box that
-        # landed poorly; one with nothing over it is a detection miss (or one under the score cut).
+        # landed poorly; one with none (nothing over it, or what was went to a neighbour) is a
+        # detection miss, or one under the score cut.
         "missed_with_partial_mask": sum(m["best_iou"] > 0 for m in missed),
         "missed_with_nothing": sum(m["best_iou"] == 0 for m in missed),
         "missed_by_level": {

@@ -310,7 +310,8 @@ def _image_errors(image_id, gt, pred, pairs, main, n_pred):
 
     ``missed``: each unmatched GT vertebra (``index`` among the record's non-crowd annotations),
     its level (None without one) and the IoU of the prediction greedily paired with it below the
-    threshold (0.0: nothing overlapped it, so a detection miss rather than a poor mask).
+    threshold (0.0: no prediction was left to pair with it: none overlapped it, or those that
+    did matched a neighbour better; a detection miss rather than a poor mask).
     ``level_errors``: matched pairs named differently.
     """
     matched = {g for g, _, _ in main}

@@ -233,3 +233,26 @@ def test_build_xray_augmentations_follows_config():
     test = build_xray_augmentations(_cfg(), is_train=False)
     assert len(test) == 1 and isinstance(test[0], T.ResizeShortestEdge)
     assert test[0].get_transform(np.zeros((100, 150), np.float32)).new_h == 800
+
+
+def test_equalize_is_the_same_fixed_clahe_in_training_and_inference():
+    cfg = _cfg()
+    cfg.INPUT.XRAY.EQUALIZE.ENABLED = True
+    cfg.INPUT.XRAY.EQUALIZE.CLIP_LIMIT = 2.5
+    train = build_xray_augmentations(cfg, is_train=True)
+    test = build_xray_augmentations(cfg, is_train=False)
+    for augs in (train, test):  # right after the resize, before any rotation adds canvas
+        assert isinstance(augs[0], T.ResizeShortestEdge)
+        assert isinstance(augs[1], CLAHETransform)
+        assert (augs[1].clip_limit, augs[1].tile_grid) == (2.5, 8)
+    assert len(test) == 2
+    # a dim, low-contrast film comes out stretched, the same way every time
+    rng = np.random.default_rng(0)
+    img = (0.4 + 0.1 * rng.random((H, W))).astype(np.float32)
+    aug_input = T.AugInput(img.copy())
+    T.AugmentationList(test)(aug_input)
+    out = aug_input.image
+    assert out.std() > 2 * img.std()
+    again = T.AugInput(img.copy())
+    T.AugmentationList(test)(again)
+    np.testing.assert_array_equal(again.image, out)
