@@ -186,6 +186,24 @@ def worst_films(per_image: list) -> list:
 _FOUND, _MISSED, _PRED = (80, 200, 80), (0, 215, 255), (255, 0, 255)
 
 
+def _outline(seg, shape, f) -> list:
+    """Polygons (int32 N x 2, scaled by f) of a GT segmentation: polygon lists or RLE."""
+    if isinstance(seg, list):
+        return [
+            np.round(np.asarray(s, np.float64).reshape(-1, 2) * f).astype(np.int32) for s in seg
+        ]
+    if isinstance(seg, dict):
+        h, w = shape
+        rle = mask_util.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+        if isinstance(rle.get("counts"), str):
+            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+        contours, _ = cv2.findContours(
+            mask_util.decode(rle).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+        )
+        return [np.round(c.reshape(-1, 2) * f).astype(np.int32) for c in contours]
+    return []
+
+
 def error_overlay(image01: np.ndarray, record: dict, preds: list, film: dict, height=1024):
     """BGR uint8 picture of one film: true outlines green when found and yellow when missed (with
     their level), the predictions kept by the evaluator in magenta, and a one-line caption.
@@ -205,13 +223,12 @@ def error_overlay(image01: np.ndarray, record: dict, preds: list, film: dict, he
     missed = {m["index"] for m in film["missed"]}
     anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
     for g, ann in enumerate(anns):  # the evaluator's GT order: non-crowd annotations
-        seg = ann.get("segmentation")
-        if not isinstance(seg, list):
+        pts = _outline(ann.get("segmentation"), image01.shape, f)
+        if not pts:
             continue
         level = ann.get("level")
         is_missed = g in missed
         colour = _MISSED if is_missed else _FOUND
-        pts = [np.round(np.asarray(s, np.float64).reshape(-1, 2) * f).astype(np.int32) for s in seg]
         cv2.polylines(img, pts, True, colour, 2 if is_missed else 1, cv2.LINE_AA)
         if level:
             x, y = np.concatenate(pts).min(0)

@@ -158,3 +158,29 @@ def test_overlays_need_the_dataset_registered(tmp_path):
     spec.loader.exec_module(tool)
     assert tool.main([str(tmp_path), "--overlays", "1"]) == 1
     assert not (tmp_path / "errors" / "summary.json").exists()
+
+
+def test_overlay_draws_rle_ground_truth_and_marks_the_missed_one():
+    from spine_d2.evaluation.errors import error_overlay
+
+    size = 64
+    anns = []
+    for y0 in (8, 36):
+        m = np.zeros((size, size), np.uint8)
+        m[y0 : y0 + 16, 20:44] = 1
+        rle = mask_util.encode(np.asfortranarray(m))
+        rle["counts"] = rle["counts"].decode("ascii")  # as read from COCO json
+        anns.append({"segmentation": rle, "level": "T1" if y0 == 8 else "T2", "iscrowd": 0})
+    record = {"annotations": anns}
+    missed_second = {
+        "missed": [{"index": 1, "level": "T2", "best_iou": 0.0}],
+        "false_positives": 0,
+        "level_errors": [],
+    }
+    img = error_overlay(np.full((size, size), 0.5, np.float32), record, [], missed_second, 128)
+    b, g, r = (img[..., i].astype(int) for i in range(3))  # anti-aliased lines blend: by hue
+    yellow = (r > 180) & (g > 150) & (b < 100)
+    green = (g > r + 40) & (g > b + 40)
+    rows_y, rows_g = np.nonzero(yellow)[0], np.nonzero(green)[0]
+    assert yellow.sum() > 50 and green.sum() > 30
+    assert rows_g.min() < rows_y.min()  # T1 (found, green) is drawn above T2 (missed, yellow)
