@@ -114,6 +114,8 @@ def summarize_errors(payload: dict, levels=VERTEBRA_LEVELS) -> dict:
         # detection miss, or one under the score cut.
         "missed_with_partial_mask": sum(m["best_iou"] > 0 for m in missed),
         "missed_with_nothing": sum(m["best_iou"] == 0 for m in missed),
+        # Cut by the border (or, in the DRRs, by the CT's field of view): a fragment, not a body.
+        "missed_truncated": sum(m.get("truncated") is True for m in missed),
         "missed_by_level": {
             lvl: by_level[lvl] for lvl in sorted(by_level, key=lambda v: (rank.get(v, 1e9), v))
         },
@@ -129,10 +131,17 @@ def summarize_errors(payload: dict, levels=VERTEBRA_LEVELS) -> dict:
 
 
 def _missed_text(film):
-    return " ".join(
-        f"{m['level'] or '?'}~{m['best_iou']:.2f}" if m["best_iou"] > 0 else f"{m['level'] or '?'}"
-        for m in film["missed"]
-    )
+    """'T12~0.22 L1 C6[t]': level, the paired IoU when one was below the threshold, [t] for a
+    truncated vertebra."""
+    parts = []
+    for m in film["missed"]:
+        text = m["level"] or "?"
+        if m["best_iou"] > 0:
+            text += f"~{m['best_iou']:.2f}"
+        if m.get("truncated") is True:
+            text += "[t]"
+        parts.append(text)
+    return " ".join(parts)
 
 
 def write_errors_csv(payload: dict, path, levels=VERTEBRA_LEVELS) -> str:

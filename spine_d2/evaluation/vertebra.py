@@ -309,7 +309,7 @@ def _image_errors(image_id, gt, pred, pairs, main, n_pred):
     """One image's counts and what went wrong, for error analysis (tools/error_report.py).
 
     ``missed``: each unmatched GT vertebra (``index`` among the record's non-crowd annotations),
-    its level (None without one) and the IoU of the prediction greedily paired with it below the
+    its level and ``truncated`` flag (None where the GT has none) and the IoU of the prediction greedily paired with it below the
     threshold (0.0: no prediction was left to pair with it: none overlapped it, or those that
     did matched a neighbour better; a detection miss rather than a poor mask).
     ``level_errors``: matched pairs named differently.
@@ -326,7 +326,12 @@ def _image_errors(image_id, gt, pred, pairs, main, n_pred):
         "false_positives": n_pred - len(main),
         "gt_levels": list(gt["levels"]),
         "missed": [
-            {"index": g, "level": gt["levels"][g], "best_iou": round(partial.get(g, 0.0), 4)}
+            {
+                "index": g,
+                "level": gt["levels"][g],
+                "truncated": gt["truncated"][g],
+                "best_iou": round(partial.get(g, 0.0), 4),
+            }
             for g in range(len(gt["rles"]))
             if g not in matched
         ],

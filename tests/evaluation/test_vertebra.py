@@ -16,6 +16,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 
 from spine_d2.config import add_spine_config
 from spine_d2.evaluation import VertebraEvaluator
+from spine_d2.evaluation.errors import summarize_errors
 
 SIZE = 128
 LEVELS = ["T11", "T12", "L1", "L2"]  # alphabetical order differs from anatomical order
@@ -229,7 +230,7 @@ def test_level_accuracy_from_instances_pred_levels_indices():
     assert m["level_accuracy"] == 3 / 4  # L1 labelled L2
 
 
-def test_recall_split_into_whole_and_truncated_vertebrae():
+def test_recall_split_into_whole_and_truncated_vertebrae(tmp_path):
     # Image 0: the top vertebra is a truncated fragment and is missed, and L1 (whole) is missed;
     # image 1 is found entirely. Whole: 5 of 6 found, truncated: 1 of 2.
     records = two_images()
@@ -239,8 +240,12 @@ def test_recall_split_into_whole_and_truncated_vertebrae():
     masks = [rect_mask(*r) for r in RECTS]
     outputs = [prediction([masks[1], masks[3]]), prediction(masks)]
     with registered(records) as name:
-        m = run(VertebraEvaluator(name), [0, 1], outputs)["vertebra"]
+        m = run(VertebraEvaluator(name, output_dir=str(tmp_path)), [0, 1], outputs)["vertebra"]
     assert m["recall"] == 6 / 8
+    payload = json.loads((tmp_path / "vertebra_results.json").read_text())
+    missed = payload["per_image"][0]["missed"]
+    assert [(x["level"], x["truncated"]) for x in missed] == [("T11", True), ("L1", False)]
+    assert summarize_errors(payload)["missed_truncated"] == 1
     assert m["recall_whole"] == 5 / 6
     assert m["recall_truncated"] == 1 / 2
     assert m["num_truncated"] == 2.0
@@ -262,8 +267,8 @@ def test_saved_per_image_errors_name_misses_false_positives_and_level_errors(tmp
     img0, img1 = saved
     assert img0["file_name"] == "img0.png" and img0["num_matched"] == 2
     assert img0["missed"] == [
-        {"index": 1, "level": "T12", "best_iou": round(8 / 36, 4)},
-        {"index": 2, "level": "L1", "best_iou": 0.0},
+        {"index": 1, "level": "T12", "truncated": None, "best_iou": round(8 / 36, 4)},
+        {"index": 2, "level": "L1", "truncated": None, "best_iou": 0.0},
     ]
     assert img0["false_positives"] == 2 and img0["num_pred"] == 4
     assert img0["level_errors"] == [{"gt": "L2", "pred": "L1"}]
