@@ -113,7 +113,7 @@ def summarize_errors(payload: dict, levels=VERTEBRA_LEVELS) -> dict:
         # landed poorly; one with none (nothing over it, or what was went to a neighbour) is a
         # detection miss, or one under the score cut.
         "missed_with_partial_mask": sum(m["best_iou"] > 0 for m in missed),
-        "missed_with_nothing": sum(m["best_iou"] == 0 for m in missed),
+        "missed_unpaired": sum(m["best_iou"] == 0 for m in missed),
         # Cut by the border (or, in the DRRs, by the CT's field of view): a fragment, not a body.
         "missed_truncated": sum(m.get("truncated") is True for m in missed),
         "missed_by_level": {
