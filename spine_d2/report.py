@@ -20,6 +20,7 @@ from .data.io import read_scan
 from .zoi.manifest import load_manifest
 
 __all__ = [
+    "atomic_png",
     "headline",
     "loss_curves_png",
     "overlays_png",
@@ -43,7 +44,8 @@ SUMMARY_KEYS = (
 )
 
 
-def _atomic_png(path: Path, img: np.ndarray) -> str:
+def atomic_png(path: Path, img: np.ndarray) -> str:
+    """Encode img as PNG under a temp name and rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ok, buf = cv2.imencode(".png", img)
     if not ok:
@@ -128,7 +130,7 @@ def overlays_png(manifest_lines: list, image_root: str, path: Path, n: int = 6, 
             (4, tile - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 255), 1, cv2.LINE_AA,
         )  # fmt: skip
         tiles.append(canvas)
-    return _atomic_png(path, _grid(tiles, cols=3))
+    return atomic_png(path, _grid(tiles, cols=3))
 
 
 def _grid(tiles: list, cols: int, gap: int = 4) -> np.ndarray:
@@ -172,7 +174,7 @@ def zoi_grid_png(manifest_lines: list, export_dir: str, path: Path, n: int = 24,
                 canvas, label, (2, tile - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 220, 255), 1
             )
             tiles.append(canvas)
-    return _atomic_png(path, _grid(tiles, cols=8))
+    return atomic_png(path, _grid(tiles, cols=8))
 
 
 def enhancement_png(results: list, path: Path, n: int = 3, crop: int = 256) -> str:
@@ -201,10 +203,10 @@ def enhancement_png(results: list, path: Path, n: int = 3, crop: int = 256) -> s
         gap = np.full((parts[0].shape[0], 4), 255, np.uint8)
         rows.append(np.hstack([parts[0], gap, parts[1], gap, parts[2]]))
     if not rows:
-        return _atomic_png(path, np.zeros((32, 32), np.uint8))
+        return atomic_png(path, np.zeros((32, 32), np.uint8))
     w = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 4), (0, w - r.shape[1])), constant_values=255) for r in rows]
-    return _atomic_png(path, np.vstack(rows))
+    return atomic_png(path, np.vstack(rows))
 
 
 def headline(summary: dict) -> list:

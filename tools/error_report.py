@@ -11,12 +11,10 @@ for the overlays, ``coco_instances_results.json`` beside it) and writes into ``-
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-import cv2
 from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
@@ -24,6 +22,7 @@ from tqdm import tqdm
 import spine_d2  # noqa: F401  (registers the built-in datasets)
 from spine_d2.config import VERTEBRA_LEVELS
 from spine_d2.data.io import read_scan
+from spine_d2.engine.trainer import write_eval_results
 from spine_d2.errors import SpineError
 from spine_d2.evaluation.errors import (
     error_overlay,
@@ -32,12 +31,7 @@ from spine_d2.evaluation.errors import (
     worst_films,
     write_errors_csv,
 )
-
-
-def _write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+from spine_d2.report import atomic_png
 
 
 def _overlays(payload, results_dir: Path, out: Path, n: int) -> list:
@@ -60,7 +54,6 @@ def _overlays(payload, results_dir: Path, out: Path, n: int) -> list:
     records = {r["image_id"]: r for r in DatasetCatalog.get(dataset)}
     films = [f for f in worst_films(payload["per_image"]) if f["missed"] or f["level_errors"]
              or f["false_positives"]][:n]  # fmt: skip
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
     written = []
     for rank, film in enumerate(tqdm(films, desc="overlays", unit="film"), 1):
         record = records.get(film["image_id"])
@@ -68,13 +61,8 @@ def _overlays(payload, results_dir: Path, out: Path, n: int) -> list:
             raise SpineError(f"{payload['path']}: image_id {film['image_id']} is not in {dataset}")
         img = error_overlay(read_scan(record["file_name"]).image, record,
                             by_image.get(film["image_id"], []), film)  # fmt: skip
-        ok, png = cv2.imencode(".png", img)
-        if not ok:
-            raise SpineError(f"{record['file_name']}: the overlay could not be encoded as PNG")
         stem = Path(str(record["file_name"])).stem.replace(" ", "_")
-        path = out / "overlays" / f"{rank:03d}_{stem}.png"
-        _write_atomic(path, png.tobytes())
-        written.append(str(path))
+        written.append(atomic_png(out / "overlays" / f"{rank:03d}_{stem}.png", img))
     return written
 
 
@@ -94,7 +82,7 @@ def main(argv=None):
         summary["csv"] = write_errors_csv(payload, out / "errors.csv", VERTEBRA_LEVELS)
         if args.overlays > 0:
             summary["overlays"] = _overlays(payload, results_dir, out, args.overlays)
-        _write_atomic(out / "summary.json", json.dumps(summary, indent=1).encode("utf-8"))
+        write_eval_results(summary, str(out / "summary.json"))
     except SpineError as e:
         print(f"error_report: error: {e}", file=sys.stderr)
         return 1

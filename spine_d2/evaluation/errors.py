@@ -20,6 +20,7 @@ import pycocotools.mask as mask_util
 
 from ..config import VERTEBRA_LEVELS
 from ..errors import SpineError
+from .vertebra import _annotation_rle
 
 __all__ = [
     "load_vertebra_results",
@@ -195,21 +196,24 @@ def worst_films(per_image: list) -> list:
 _FOUND, _MISSED, _PRED = (80, 200, 80), (0, 215, 255), (255, 0, 255)
 
 
-def _outline(seg, shape, f) -> list:
-    """Polygons (int32 N x 2, scaled by f) of a GT segmentation: polygon lists or RLE."""
+def _contours(mask: np.ndarray, f: float) -> list:
+    """Outer contours of a 0/1 mask, scaled by f (int32 N x 2 each)."""
+    contours, _ = cv2.findContours(
+        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    return [np.round(c.reshape(-1, 2) * f).astype(np.int32) for c in contours]
+
+
+def _outline(ann: dict, shape, f) -> list:
+    """Outlines of a GT annotation scaled by f: its polygons as drawn, or an RLE's contours
+    (decoded as VertebraEvaluator decodes it)."""
+    seg = ann.get("segmentation")
     if isinstance(seg, list):
         return [
             np.round(np.asarray(s, np.float64).reshape(-1, 2) * f).astype(np.int32) for s in seg
         ]
     if isinstance(seg, dict):
-        h, w = shape
-        rle = mask_util.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
-        if isinstance(rle.get("counts"), str):
-            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-        contours, _ = cv2.findContours(
-            mask_util.decode(rle).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-        )
-        return [np.round(c.reshape(-1, 2) * f).astype(np.int32) for c in contours]
+        return _contours(mask_util.decode(_annotation_rle(ann, *shape)), f)
     return []
 
 
@@ -227,12 +231,11 @@ def error_overlay(image01: np.ndarray, record: dict, preds: list, film: dict, he
     for p in preds:
         m = mask_util.decode(p["segmentation"]).astype(np.uint8)
         m = cv2.resize(m, (w, height), interpolation=cv2.INTER_NEAREST)
-        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(img, contours, -1, _PRED, 1, cv2.LINE_AA)
+        cv2.drawContours(img, _contours(m, 1.0), -1, _PRED, 1, cv2.LINE_AA)
     missed = {m["index"] for m in film["missed"]}
     anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
     for g, ann in enumerate(anns):  # the evaluator's GT order: non-crowd annotations
-        pts = _outline(ann.get("segmentation"), image01.shape, f)
+        pts = _outline(ann, image01.shape, f)
         if not pts:
             continue
         level = ann.get("level")

@@ -309,9 +309,10 @@ def _image_errors(image_id, gt, pred, pairs, main, n_pred):
     """One image's counts and what went wrong, for error analysis (tools/error_report.py).
 
     ``missed``: each unmatched GT vertebra (``index`` among the record's non-crowd annotations),
-    its level and ``truncated`` flag (None where the GT has none) and the IoU of the prediction greedily paired with it below the
-    threshold (0.0: no prediction was left to pair with it: none overlapped it, or those that
-    did matched a neighbour better; a detection miss rather than a poor mask).
+    its level and ``truncated`` flag (None where the GT has none) and the IoU of the prediction
+    greedily paired with it below the threshold (0.0: no prediction was left to pair with it:
+    none overlapped it, or those that did matched a neighbour better; a detection miss rather
+    than a poor mask).
     ``level_errors``: matched pairs named differently.
     """
     matched = {g for g, _, _ in main}
