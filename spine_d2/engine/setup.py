@@ -37,6 +37,13 @@ def build_config(config_file: str, opts=()):
             f"{config_file}: MODEL.PIXEL_MEAN has {len(cfg.MODEL.PIXEL_MEAN)} values but "
             f"INPUT.XRAY.CHANNELS is {cfg.INPUT.XRAY.CHANNELS}; they must agree"
         )
+    eq = cfg.INPUT.XRAY.EQUALIZE
+    if eq.ENABLED and not (eq.CLIP_LIMIT > 0 and int(eq.TILE_GRID) >= 1):
+        # caught here: in the loader workers a tile grid of 0 is a ZeroDivisionError mid-epoch
+        raise SpineError(
+            f"{config_file}: INPUT.XRAY.EQUALIZE needs CLIP_LIMIT > 0 and TILE_GRID >= 1, "
+            f"got {eq.CLIP_LIMIT} and {eq.TILE_GRID}"
+        )
     if cfg.SPINE.LEVEL_HEAD.SPACING_WEIGHT < 0:
         raise SpineError(
             f"{config_file}: SPINE.LEVEL_HEAD.SPACING_WEIGHT is "

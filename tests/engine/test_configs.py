@@ -54,3 +54,17 @@ def test_bad_user_dataset_entry_and_channel_mismatch_are_clear_errors():
         SpineError, match=r"instant_test.yaml: SPINE.LEVEL_HEAD.SPACING_WEIGHT is -1"
     ):
         build_config(config, ["SPINE.LEVEL_HEAD.SPACING_WEIGHT", "-1.0"])
+
+
+def test_bad_equalize_settings_are_clear_errors():
+    from spine_d2.errors import SpineError
+
+    config = "configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage1_equalize_cpu.yaml"
+    assert build_config(config).INPUT.XRAY.EQUALIZE.ENABLED
+    for key, value, got in (("TILE_GRID", "0", "2.0 and 0"), ("CLIP_LIMIT", "0.0", "0.0 and 8")):
+        with pytest.raises(
+            SpineError, match=f"equalize_cpu.yaml: INPUT.XRAY.EQUALIZE needs .* got {got}"
+        ):
+            build_config(config, [f"INPUT.XRAY.EQUALIZE.{key}", value])
+    off = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
+    build_config(off, ["INPUT.XRAY.EQUALIZE.TILE_GRID", "0"])  # not checked while it is off

@@ -184,3 +184,26 @@ def test_overlay_draws_rle_ground_truth_and_marks_the_missed_one():
     rows_y, rows_g = np.nonzero(yellow)[0], np.nonzero(green)[0]
     assert yellow.sum() > 50 and green.sum() > 30
     assert rows_g.min() < rows_y.min()  # T1 (found, green) is drawn above T2 (missed, yellow)
+
+
+def test_results_that_are_not_an_evaluators_are_named(tmp_path):
+    (tmp_path / "vertebra_results.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(SpineError, match="no per_image list: not a VertebraEvaluator result"):
+        load_vertebra_results(tmp_path)
+
+
+def test_overlays_name_a_missing_predictions_file_and_an_unknown_image(
+    synthetic_train, tmp_path, capsys
+):
+    spec = importlib.util.spec_from_file_location("error_report", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    results = {"dataset": synthetic_train, "score_thresh": 0.5,
+               "per_image": [film(999, missed=[("T1", 0.0)])]}  # fmt: skip
+    (tmp_path / "vertebra_results.json").write_text(json.dumps(results))
+    assert tool.main([str(tmp_path), "--overlays", "1"]) == 1
+    assert "coco_instances_results.json: needed for --overlays" in capsys.readouterr().err
+    (tmp_path / "coco_instances_results.json").write_text("[]")
+    assert tool.main([str(tmp_path), "--overlays", "1"]) == 1
+    assert f"image_id 999 is not in {synthetic_train}" in capsys.readouterr().err
+    assert not (tmp_path / "errors" / "summary.json").exists()
