@@ -3,6 +3,8 @@
 import hashlib
 import json
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -182,11 +184,19 @@ def test_package_weights_tool_adds_up_the_stages_of_a_staged_run(tmp_path):
     assert m["final_total_loss"] == pytest.approx(3.0 - 299 / 300)
     assert [s["dataset_digest"] for s in m["stages"]] == ["aaa", "aaa"]
 
+    assert m["dataset"]["pixels_sha256"] == {}  # no split files to hash
+
     # A third stage from the shipped file, on regenerated data, with only its own run folder.
+    # Its meta.json predates pixels_sha256, so the tool hashes the split's pixels itself.
     s3 = tmp_path / "stage3"
     _fake_run(s3, 400, 1e-4, 40)
     torch.save({"model": model.state_dict()}, s3 / "model_final.pth")
     (dataset / "meta.json").write_text(json.dumps({"version": "1.1", "seed": 0, "digest": "bbb"}))
+    (dataset / "images").mkdir()
+    px = np.arange(64 * 48, dtype=np.uint16).reshape(64, 48)
+    cv2.imwrite(str(dataset / "images" / "a.png"), px)
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": 64, "width": 48}]}
+    (dataset / "test.json").write_text(json.dumps(coco))
     out3 = tmp_path / "w3.pth"
     third = base[:5] + [str(out3), "--train-dir", str(s3), "--config-file", "three.yaml"]
     bad = tmp_path / "bad.json"
@@ -209,6 +219,17 @@ def test_package_weights_tool_adds_up_the_stages_of_a_staged_run(tmp_path):
         ("three.yaml", "bbb"),
     ]
     assert m3["dataset"]["digest"] == "bbb"
+    from spine_d2.data.drr import pixels_digest
+
+    expected = pixels_digest(coco, dataset / "images")
+    assert m3["dataset"]["pixels_sha256"] == {"test": expected}
+    # A generator that recorded them is taken at its word (meta.json is written after the images).
+    meta = {"version": "1.1", "seed": 0, "digest": "bbb", "pixels_sha256": {"test": "c0ffee"}}
+    (dataset / "meta.json").write_text(json.dumps(meta))
+    run = subprocess.run(third + ["--continue-from", manifest], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    m3 = json.loads(out3.with_suffix(".json").read_text())
+    assert m3["dataset"]["pixels_sha256"] == {"test": "c0ffee"}
     assert [(c["stage"], c["iteration"], c["wall_minutes"]) for c in m3["training_curve"]] == [
         (1, 500, 30.0),
         (2, 800, 50.0),

@@ -83,6 +83,22 @@ def _earlier_stages(manifest_path: Path) -> tuple:
     return stages, list(m["training_curve"]), int(m["iterations"]), int(m["wall_time_s"] or 0)
 
 
+def _pixel_digests(dataset: Path, meta: dict) -> dict:
+    """Per split, the sha256 of the decoded pixels the model was trained and tested on: the
+    parameter digest cannot tell two machines' renders apart. From meta.json when the generator
+    recorded it, else computed from the images (datasets made before it did)."""
+    if isinstance(meta.get("pixels_sha256"), dict):
+        return meta["pixels_sha256"]
+    from spine_d2.data.drr import pixels_digest
+
+    out = {}
+    for split in ("train", "val", "test"):
+        coco_path = dataset / f"{split}.json"
+        if coco_path.is_file():
+            out[split] = pixels_digest(json.loads(coco_path.read_text()), dataset / "images")
+    return out
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -179,6 +195,7 @@ def main(argv=None) -> int:
             "seed": meta.get("seed"),
             "digest": meta.get("digest"),
             "counts": meta.get("counts"),
+            "pixels_sha256": _pixel_digests(Path(args.dataset), meta),
         },
         "iterations": iters,
         "images_per_iteration": run_cfg["SOLVER"]["IMS_PER_BATCH"],
