@@ -14,8 +14,12 @@ TRAINING_TARGETS = ("train-aasce", "train-aasce-gpu", "study-aasce", "train-pret
 AASCE_CHAIN = [
     f"configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage{k}_cpu.yaml" for k in (1, 2, 3, 4)
 ]
+# The stages make train-pretrained runs, as the Makefile lists them.
+_STAGES = re.search(
+    r"^PRETRAIN_STAGES := (.+)$", (Path(__file__).parents[2] / "Makefile").read_text(), re.M
+).group(1)
 PRETRAIN_CHAIN = [
-    f"configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage{k}_cpu.yaml" for k in range(1, 6)
+    f"configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage{k}_cpu.yaml" for k in _STAGES.split()
 ]
 
 
