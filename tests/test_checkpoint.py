@@ -230,6 +230,14 @@ def test_package_weights_tool_adds_up_the_stages_of_a_staged_run(tmp_path):
     assert run.returncode == 0, run.stderr
     m3 = json.loads(out3.with_suffix(".json").read_text())
     assert m3["dataset"]["pixels_sha256"] == {"test": "c0ffee"}
+    # Without them, an image that does not decode is named in one line and nothing is written.
+    (dataset / "meta.json").write_text(json.dumps({"version": "1.1", "seed": 0, "digest": "bbb"}))
+    (dataset / "images" / "a.png").write_bytes(b"not a png")
+    out3.unlink()
+    run = subprocess.run(third + ["--continue-from", manifest], capture_output=True, text=True)
+    assert run.returncode == 2 and "cannot hash its pixels" in run.stderr
+    assert "a.png" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not out3.exists()
     assert [(c["stage"], c["iteration"], c["wall_minutes"]) for c in m3["training_curve"]] == [
         (1, 500, 30.0),
         (2, 800, 50.0),

@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from spine_d2.checkpoint import package_weights, training_curve
+from spine_d2.errors import SpineError
 from spine_d2.report import read_metrics
 
 
@@ -156,6 +157,18 @@ def main(argv=None) -> int:
             print(f"package_weights: error: {p}: no such file", file=sys.stderr)
             return 2
     meta = json.loads((Path(args.dataset) / "meta.json").read_text())
+    try:
+        pixels = _pixel_digests(Path(args.dataset), meta)
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        SpineError,
+    ) as e:  # a split that does not read
+        print(f"package_weights: error: {args.dataset}: cannot hash its pixels ({e})",
+              file=sys.stderr)  # fmt: skip
+        return 2
     stages, curve, iters, wall, last = [], [], 0, 0, {}
     if args.continue_from:
         try:
@@ -195,7 +208,7 @@ def main(argv=None) -> int:
             "seed": meta.get("seed"),
             "digest": meta.get("digest"),
             "counts": meta.get("counts"),
-            "pixels_sha256": _pixel_digests(Path(args.dataset), meta),
+            "pixels_sha256": pixels,
         },
         "iterations": iters,
         "images_per_iteration": run_cfg["SOLVER"]["IMS_PER_BATCH"],
