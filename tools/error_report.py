@@ -25,6 +25,7 @@ from spine_d2.data.io import read_scan
 from spine_d2.engine.trainer import write_eval_results
 from spine_d2.errors import SpineError
 from spine_d2.evaluation.errors import (
+    badness,
     error_overlay,
     load_vertebra_results,
     summarize_errors,
@@ -52,8 +53,7 @@ def _overlays(payload, results_dir: Path, out: Path, n: int) -> list:
         if p.get("score", 0.0) >= thresh and "segmentation" in p:
             by_image[p["image_id"]].append(p)
     records = {r["image_id"]: r for r in DatasetCatalog.get(dataset)}
-    films = [f for f in worst_films(payload["per_image"]) if f["missed"] or f["level_errors"]
-             or f["false_positives"]][:n]  # fmt: skip
+    films = [f for f in worst_films(payload["per_image"]) if badness(f)][:n]
     written = []
     for rank, film in enumerate(tqdm(films, desc="overlays", unit="film"), 1):
         record = records.get(film["image_id"])

@@ -28,6 +28,7 @@ __all__ = [
     "summarize_errors",
     "write_errors_csv",
     "worst_films",
+    "badness",
     "error_overlay",
 ]
 
@@ -145,6 +146,11 @@ def _missed_text(film):
     return " ".join(parts)
 
 
+def _level_errors_text(film):
+    """'T2->T3 T3->T4': each wrong name as true->predicted."""
+    return " ".join(f"{e['gt']}->{e['pred']}" for e in film["level_errors"])
+
+
 def write_errors_csv(payload: dict, path, levels=VERTEBRA_LEVELS) -> str:
     """One row per film, worst first; written to a temp name and renamed."""
     path = Path(path)
@@ -175,7 +181,7 @@ def write_errors_csv(payload: dict, path, levels=VERTEBRA_LEVELS) -> str:
                     film["num_matched"],
                     _missed_text(film),
                     film["false_positives"],
-                    " ".join(f"{e['gt']}->{e['pred']}" for e in film["level_errors"]),
+                    _level_errors_text(film),
                     f"{film_shift(film, levels):+d}" if film["level_errors"] else "",
                 ]
             )
@@ -183,13 +189,14 @@ def write_errors_csv(payload: dict, path, levels=VERTEBRA_LEVELS) -> str:
     return str(path)
 
 
-def _badness(film):
+def badness(film) -> int:
+    """Misses + false positives + wrong levels of one film (0: nothing went wrong)."""
     return len(film["missed"]) + film["false_positives"] + len(film["level_errors"])
 
 
 def worst_films(per_image: list) -> list:
     """Films sorted by misses + false positives + wrong levels, most first (stable)."""
-    return sorted(per_image, key=_badness, reverse=True)
+    return sorted(per_image, key=badness, reverse=True)
 
 
 # BGR
@@ -246,8 +253,9 @@ def error_overlay(image01: np.ndarray, record: dict, preds: list, film: dict, he
             x, y = np.concatenate(pts).min(0)
             cv2.putText(img, str(level), (max(0, int(x) - 26), int(y) + 12),
                         cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)  # fmt: skip
-    caption = f"missed {_missed_text(film) or '-'} | FP {film['false_positives']} | levels " + (
-        " ".join(f"{e['gt']}->{e['pred']}" for e in film["level_errors"]) or "ok"
+    caption = (
+        f"missed {_missed_text(film) or '-'} | FP {film['false_positives']} | "
+        f"levels {_level_errors_text(film) or 'ok'}"
     )
     # Wrapped to the film's width: tall AP films are narrow.
     per_line = max(20, (img.shape[1] - 8) // 7)
