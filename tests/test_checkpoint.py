@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from spine_d2.checkpoint import SpineCheckpointer, verify_weights
+from spine_d2.data.drr import pixels_digest
 from spine_d2.errors import CheckpointError
 
 
@@ -219,8 +220,6 @@ def test_package_weights_tool_adds_up_the_stages_of_a_staged_run(tmp_path):
         ("three.yaml", "bbb"),
     ]
     assert m3["dataset"]["digest"] == "bbb"
-    from spine_d2.data.drr import pixels_digest
-
     expected = pixels_digest(coco, dataset / "images")
     assert m3["dataset"]["pixels_sha256"] == {"test": expected}
     # A generator that recorded them is taken at its word (meta.json is written after the images).

@@ -90,10 +90,10 @@ def _pixel_digests(dataset: Path, meta: dict) -> dict:
     recorded it, else computed from the images (datasets made before it did)."""
     if isinstance(meta.get("pixels_sha256"), dict):
         return meta["pixels_sha256"]
-    from spine_d2.data.drr import pixels_digest
+    from spine_d2.data.drr import SPLITS, pixels_digest
 
     out = {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         coco_path = dataset / f"{split}.json"
         if coco_path.is_file():
             out[split] = pixels_digest(json.loads(coco_path.read_text()), dataset / "images")

