@@ -5,8 +5,11 @@ Reads what an evaluation wrote (``OUTPUT_DIR/inference/<dataset>/vertebra_result
 for the overlays, ``coco_instances_results.json`` beside it) and writes into ``--out`` (default:
 ``errors/`` beside the results): ``errors.csv`` (one row per film, worst first),
 ``summary.json`` (also printed) and, with ``--overlays N``, PNGs of the N worst films.
+``--kinds`` tags each miss with what the model put over it (``missed_by_kind``: a poor mask of
+its own, its own detection under the score cut, only a neighbour's mask, nothing), from every
+dumped detection; it and ``--overlays`` need the dataset registered as for the evaluation.
 
-    python tools/error_report.py output/aasce/run/inference/spine_aasce_val --overlays 8
+    python tools/error_report.py output/aasce/run/inference/spine_aasce_val --kinds --overlays 8
 """
 
 import argparse
@@ -15,7 +18,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
@@ -26,6 +29,7 @@ from spine_d2.engine.trainer import write_eval_results
 from spine_d2.errors import SpineError
 from spine_d2.evaluation.errors import (
     badness,
+    classify_misses,
     error_overlay,
     load_vertebra_results,
     summarize_errors,
@@ -35,24 +39,38 @@ from spine_d2.evaluation.errors import (
 from spine_d2.report import atomic_png
 
 
-def _overlays(payload, results_dir: Path, out: Path, n: int) -> list:
+def _records_and_predictions(payload, results_dir: Path, flag: str):
+    """The evaluated dataset's records by image_id and every dumped detection (COCO json)."""
     dataset = payload.get("dataset")
     if dataset not in DatasetCatalog.list():
         raise SpineError(
-            f"{payload['path']}: dataset '{dataset}' is not registered here, so its films "
-            "cannot be drawn (is DETECTRON2_DATASETS set as for the evaluation?)"
+            f"{payload['path']}: dataset '{dataset}' is not registered here, so {flag} cannot "
+            "read its films (is DETECTRON2_DATASETS set as for the evaluation?)"
         )
     coco = results_dir / "coco_instances_results.json"
     try:
         predictions = json.loads(coco.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise SpineError(f"{coco}: needed for --overlays and not readable ({e})") from None
+        raise SpineError(f"{coco}: needed for {flag} and not readable ({e})") from None
+    if not isinstance(predictions, list):
+        raise SpineError(f"{coco}: not a list of COCO detections")
+    return {r["image_id"]: r for r in DatasetCatalog.get(dataset)}, predictions
+
+
+def _kinds(payload, records, predictions) -> dict:
+    meta = MetadataCatalog.get(payload["dataset"])
+    # COCO json holds dataset category ids; the records hold contiguous ones.
+    to_contiguous = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
+    return classify_misses(payload, predictions, records, pred_classes=to_contiguous)
+
+
+def _overlays(payload, records, predictions, out: Path, n: int) -> list:
+    dataset = payload.get("dataset")
     thresh = float(payload.get("score_thresh") or 0.0)
     by_image = defaultdict(list)
     for p in predictions:
         if p.get("score", 0.0) >= thresh and "segmentation" in p:
             by_image[p["image_id"]].append(p)
-    records = {r["image_id"]: r for r in DatasetCatalog.get(dataset)}
     films = [f for f in worst_films(payload["per_image"]) if badness(f)][:n]
     written = []
     for rank, film in enumerate(tqdm(films, desc="overlays", unit="film"), 1):
@@ -71,6 +89,9 @@ def main(argv=None):
     ap.add_argument("results", help="vertebra_results.json or the folder holding it")
     ap.add_argument("--out", default=None, help="output folder (default: errors/ beside results)")
     ap.add_argument("--overlays", type=int, default=0, help="draw the N worst films as PNG")
+    ap.add_argument(
+        "--kinds", action="store_true", help="tag each miss with what was over it (missed_by_kind)"
+    )
     args = ap.parse_args(argv)
     setup_logger(name="spine_d2")
     try:
@@ -78,10 +99,15 @@ def main(argv=None):
         results_dir = Path(payload["path"]).parent
         out = Path(args.out) if args.out else results_dir / "errors"
         out.mkdir(parents=True, exist_ok=True)
+        if args.kinds or args.overlays > 0:
+            flag = "--kinds" if args.kinds else "--overlays"
+            records, predictions = _records_and_predictions(payload, results_dir, flag)
+        if args.kinds:
+            _kinds(payload, records, predictions)
         summary = summarize_errors(payload, VERTEBRA_LEVELS)
         summary["csv"] = write_errors_csv(payload, out / "errors.csv", VERTEBRA_LEVELS)
         if args.overlays > 0:
-            summary["overlays"] = _overlays(payload, results_dir, out, args.overlays)
+            summary["overlays"] = _overlays(payload, records, predictions, out, args.overlays)
         write_eval_results(summary, str(out / "summary.json"))
     except SpineError as e:
         print(f"error_report: error: {e}", file=sys.stderr)

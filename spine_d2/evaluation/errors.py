@@ -30,9 +30,14 @@ __all__ = [
     "worst_films",
     "badness",
     "error_overlay",
+    "classify_misses",
+    "MISS_KINDS",
 ]
 
 RESULTS_NAME = "vertebra_results.json"
+
+# What each missed vertebra had over it (classify_misses), from the fixable to the absent.
+MISS_KINDS = ("poor_mask", "low_score", "under_neighbour", "not_detected", "unmatched")
 
 
 def load_vertebra_results(path) -> dict:
@@ -111,13 +116,14 @@ def summarize_errors(payload: dict, levels=VERTEBRA_LEVELS) -> dict:
         "films_with_miss": sum(bool(f["missed"]) for f in films),
         "gt": sum(f["num_gt"] for f in films),
         "missed": len(missed),
-        # A miss with a prediction overlapping it below the IoU threshold is a mask/box that
-        # landed poorly; one with none (nothing over it, or what was went to a neighbour) is a
-        # detection miss, or one under the score cut.
+        # The evaluator's pairing: a miss with a prediction paired below the IoU threshold, or
+        # with none (nothing over it, what was went to a neighbour, or it scored under the cut).
+        # classify_misses (error_report --kinds) tells these apart: missed_by_kind.
         "missed_with_partial_mask": sum(m["best_iou"] > 0 for m in missed),
         "missed_unpaired": sum(m["best_iou"] == 0 for m in missed),
         # Cut by the border (or, in the DRRs, by the CT's field of view): a fragment, not a body.
         "missed_truncated": sum(m.get("truncated") is True for m in missed),
+        **_kind_counts(missed, rank),
         "missed_by_level": {
             lvl: by_level[lvl] for lvl in sorted(by_level, key=lambda v: (rank.get(v, 1e9), v))
         },
@@ -132,9 +138,124 @@ def summarize_errors(payload: dict, levels=VERTEBRA_LEVELS) -> dict:
     }
 
 
+def classify_misses(
+    payload: dict, predictions: list, records: dict, pred_classes=None, cover: float = 0.05
+) -> dict:
+    """Tag each missed vertebra of ``payload`` (in place: ``m["kind"]``) with what the model put
+    over it; returns the counts per kind.
+
+    The evaluator's ``best_iou`` is 0 both when nothing was there and when the detection over a
+    vertebra went to a neighbour, and it never sees detections under its score cut; telling these
+    apart chooses the fix (masks, scores, NMS/overlap, detection). A prediction is a vertebra's
+    *own* when that vertebra is the one it overlaps most. Checked in order:
+
+    - ``poor_mask``: an own prediction at or above the score cut, its mask below the IoU threshold;
+    - ``low_score``: an own prediction under the score cut that would match (IoU >= threshold);
+    - ``under_neighbour``: only predictions of neighbours (at or above the cut) cover >= ``cover``
+      of it: merged into a neighbour's mask, or its own box was suppressed next to one;
+    - ``not_detected``: nothing of the above;
+    - ``unmatched`` (checked first; never with the evaluator's own matching and classes): an own
+      prediction at or above the cut that fits it, which the evaluator did not pair with it
+      (another class when ``pred_classes`` is None, or predictions of another run).
+
+    ``predictions``: COCO-json detections at every score dumped (``coco_instances_results.json``);
+    ``records``: image_id -> dataset dict (annotations in original pixels, the evaluator's order
+    of non-crowd annotations); ``pred_classes``: dataset category id -> contiguous id, so that a
+    prediction only counts for vertebrae of its class (None: class-agnostic).
+    """
+    thresh = float(payload.get("score_thresh") or 0.0)
+    iou_thresh = float(payload.get("iou_thresh") or 0.5)
+    by_image = {}
+    for p in predictions:
+        if "segmentation" in p:
+            by_image.setdefault(p["image_id"], []).append(p)
+    counts = Counter()
+    for film in payload["per_image"]:
+        if not film["missed"]:
+            continue
+        record = records.get(film["image_id"])
+        if record is None:
+            raise SpineError(f"{payload.get('path')}: image_id {film['image_id']} has no record")
+        h, w = int(record["height"]), int(record["width"])
+        anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+        gts = [_annotation_rle(a, h, w) for a in anns]
+        preds = by_image.get(film["image_id"], [])
+        prles = [_rle(p["segmentation"]) for p in preds]
+        iou = (
+            np.asarray(mask_util.iou(prles, gts, [0] * len(gts))).reshape(len(prles), len(gts))
+            if prles and gts
+            else np.zeros((len(prles), len(gts)))
+        )
+        same = np.ones(iou.shape, bool)  # a prediction only stands for vertebrae of its class
+        if pred_classes is not None and prles:
+            pc = [pred_classes.get(p.get("category_id"), -1) for p in preds]
+            same = np.array([[c == a.get("category_id") for a in anns] for c in pc], bool)
+            iou = np.where(same, iou, 0.0)
+        owner = iou.argmax(1) if len(gts) else np.zeros(len(prles), int)
+        scores = np.array([float(p.get("score", 1.0)) for p in preds])
+        kept = scores >= thresh
+        for m in film["missed"]:
+            g = int(m["index"])
+            if g >= len(gts):
+                raise SpineError(
+                    f"{payload.get('path')}: image_id {film['image_id']}: missed index {g} but "
+                    f"{len(gts)} annotations (results from another version of the dataset?)"
+                )
+            own = (owner == g) & (iou[:, g] > 0) if len(prles) else np.zeros(0, bool)
+            if np.any(own & kept & (iou[:, g] >= iou_thresh)):
+                kind = "unmatched"
+            elif np.any(own & kept):
+                kind = "poor_mask"
+            elif np.any(own & ~kept & (iou[:, g] >= iou_thresh)):
+                kind = "low_score"
+            elif _covered(gts[g], [r for r, k in zip(prles, kept & same[:, g]) if k], cover):
+                kind = "under_neighbour"
+            else:
+                kind = "not_detected"
+            m["kind"] = kind
+            counts[kind] += 1
+    return {k: counts[k] for k in MISS_KINDS}
+
+
+def _rle(segm):
+    """A COCO-json RLE (counts as text) as pycocotools takes it."""
+    counts = segm["counts"]
+    return {
+        "size": list(segm["size"]),
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
+
+
+def _covered(gt, rles, cover) -> bool:
+    area = float(mask_util.area(gt))
+    if not rles or area <= 0:
+        return False
+    return any(
+        mask_util.area(mask_util.merge([gt, r], intersect=True)) >= cover * area for r in rles
+    )
+
+
+def _kind_counts(missed, rank) -> dict:
+    """missed_by_kind and, per kind, the levels (only when classify_misses has tagged them)."""
+    if not missed or any("kind" not in m for m in missed):
+        return {}
+    by_kind = {k: [m for m in missed if m["kind"] == k] for k in MISS_KINDS}
+    levels = {
+        k: Counter(m["level"] for m in ms if m["level"] is not None) for k, ms in by_kind.items()
+    }
+    return {
+        "missed_by_kind": {k: len(ms) for k, ms in by_kind.items()},
+        "missed_by_kind_and_level": {
+            k: {lvl: c[lvl] for lvl in sorted(c, key=lambda v: (rank.get(v, 1e9), v))}
+            for k, c in levels.items()
+            if c
+        },
+    }
+
+
 def _missed_text(film):
-    """'T12~0.22 L1 C6[t]': level, the paired IoU when one was below the threshold, [t] for a
-    truncated vertebra."""
+    """'T12~0.22 L1 C6[t] L5(low_score)': level, the paired IoU when one was below the threshold,
+    [t] for a truncated vertebra, the kind when classify_misses has tagged it."""
     parts = []
     for m in film["missed"]:
         text = m["level"] or "?"
@@ -142,6 +263,8 @@ def _missed_text(film):
             text += f"~{m['best_iou']:.2f}"
         if m.get("truncated") is True:
             text += "[t]"
+        if m.get("kind"):
+            text += f"({m['kind']})"
         parts.append(text)
     return " ".join(parts)
 

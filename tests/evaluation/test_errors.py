@@ -127,15 +127,17 @@ def test_report_from_a_real_evaluation(synthetic_train, tmp_path):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tmp_path / "errors"
-    assert tool.main([str(eval_dir), "--out", str(out), "--overlays", "2"]) == 0
+    assert tool.main([str(eval_dir), "--out", str(out), "--overlays", "2", "--kinds"]) == 0
 
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["missed"], summary["false_positives"]) == (1, 1)
+    assert summary["missed_by_kind"]["not_detected"] == 1  # the stray blob is far from it
     assert summary["films_by_shift"] == {"+1": 1}
     rows = list(csv.DictReader((out / "errors.csv").open()))
     assert len(rows) == len(all_records)
     first = {r["image_id"]: r for r in rows}[str(records[0]["image_id"])]
-    assert first["missed"] == records[0]["annotations"][1]["level"]  # nothing overlapped it
+    level = records[0]["annotations"][1]["level"]
+    assert first["missed"] == f"{level}(not_detected)"  # nothing overlapped it
     assert first["false_positives"] == "1"
     second = {r["image_id"]: r for r in rows}[str(records[1]["image_id"])]
     assert second["shift"] == "+1" and second["missed"] == ""
@@ -207,3 +209,78 @@ def test_overlays_name_a_missing_predictions_file_and_an_unknown_image(
     assert tool.main([str(tmp_path), "--overlays", "1"]) == 1
     assert f"image_id 999 is not in {synthetic_train}" in capsys.readouterr().err
     assert not (tmp_path / "errors" / "summary.json").exists()
+
+
+def _rle_json(mask):
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def _band(rows, h=96, w=64):
+    m = np.zeros((h, w), np.uint8)
+    m[rows[0] : rows[1], 20:44] = 1
+    return m
+
+
+def test_misses_are_classified_by_what_lies_over_them():
+    from spine_d2.evaluation.errors import MISS_KINDS, classify_misses
+
+    names = ["T1", "T2", "T3", "L4", "L5", "S1"]
+    bands = [(4, 15), (16, 27), (28, 39), (40, 51), (52, 61), (70, 81)]
+    record = {
+        "height": 96,
+        "width": 64,
+        "annotations": [
+            {"segmentation": _rle_json(_band(b)), "level": n, "category_id": 0, "iscrowd": 0}
+            for n, b in zip(names, bands)
+        ],
+    }
+    preds = [
+        (_band((4, 15)), 0.9, 7),  # T1 found
+        (_band((21, 32)), 0.9, 7),  # T2's own, slid half a body down: IoU 0.38 with T2
+        (_band((28, 39)), 0.3, 7),  # T3 exactly, under the score cut
+        (_band((44, 61)), 0.9, 7),  # L5's (IoU 0.53), reaching over most of L4
+        (_band((70, 81)), 0.9, 8),  # over S1 but of another class
+    ]
+    coco = [
+        {"image_id": 3, "category_id": c, "segmentation": _rle_json(m), "score": s}
+        for m, s, c in preds
+    ]
+    missed = [{"index": i, "level": names[i], "best_iou": 0.0} for i in (1, 2, 3, 5)]
+    payload = {
+        "path": "r.json",
+        "score_thresh": 0.5,
+        "iou_thresh": 0.5,
+        "per_image": [
+            {"image_id": 3, "file_name": "f3.png", "num_gt": 6, "num_pred": 4,
+             "num_matched": 2, "false_positives": 2, "gt_levels": names, "missed": missed,
+             "level_errors": []}  # fmt: skip
+        ],
+    }
+    counts = classify_misses(payload, coco, {3: record}, pred_classes={7: 0, 8: 1})
+    kinds = {m["level"]: m["kind"] for m in payload["per_image"][0]["missed"]}
+    assert kinds == {"T2": "poor_mask", "T3": "low_score", "L4": "under_neighbour",
+                     "S1": "not_detected"}  # fmt: skip
+    assert counts == {k: int(k != "unmatched") for k in MISS_KINDS}
+    # Class-agnostic, the other class's mask fits S1 (IoU 1) though the evaluator did not pair it.
+    classify_misses(payload, coco, {3: record})
+    assert missed[3]["kind"] == "unmatched"
+
+    summary = summarize_errors(payload, names)
+    assert summary["missed_by_kind"] == {k: int(k != "not_detected") for k in MISS_KINDS}
+    assert summary["missed_by_kind_and_level"] == {
+        "poor_mask": {"T2": 1}, "low_score": {"T3": 1}, "under_neighbour": {"L4": 1},
+        "unmatched": {"S1": 1}}  # fmt: skip
+
+
+def test_classify_misses_names_results_of_another_dataset():
+    from spine_d2.evaluation.errors import classify_misses
+
+    record = {"height": 96, "width": 64, "annotations": []}
+    payload = {"path": "r.json", "score_thresh": 0.5,
+               "per_image": [film(3, missed=[("T2", 0.0)])]}  # fmt: skip
+    with pytest.raises(SpineError, match="missed index 1 but 0 annotations"):
+        classify_misses(payload, [], {3: record})
+    with pytest.raises(SpineError, match="image_id 3 has no record"):
+        classify_misses(payload, [], {})
