@@ -99,6 +99,15 @@ def add_spine_config(cfg):
     # logits, through zero-initialised layers; 0 = off (3.0 in a 1200-iteration AASCE fine-tune
     # found T1 and L5 no more often: README, The real-data default)
     _C.SPINE.LEVEL_HEAD.CONTEXT_SCALE = 0.0
+    # Chain rescue (modeling/rescue.py): on films that show EXPECTED vertebrae (17 on full-spine
+    # AP films, T1..L5), detections scored MIN_SCORE..SCORE_THRESH that fill a gap of the chain
+    # or extend one of its ends are accepted with the confident ones (``pred_rescued``; the
+    # evaluator and the ZOI export keep them). 0 = off (cropped views show varying counts).
+    _C.SPINE.LEVEL_HEAD.RESCUE = CN()
+    _C.SPINE.LEVEL_HEAD.RESCUE.EXPECTED = 0
+    _C.SPINE.LEVEL_HEAD.RESCUE.MIN_SCORE = 0.2
+    _C.SPINE.LEVEL_HEAD.RESCUE.GAP_FACTOR = 1.6  # a spacing this x its neighbours' is a gap
+    _C.SPINE.LEVEL_HEAD.RESCUE.MAX_OVERLAP = 0.3  # box IoU with any confident detection
 
     # Training: "SGD" (detectron2's build_optimizer) or "ADAMW" (SOLVER.BASE_LR,
     # SOLVER.WEIGHT_DECAY, no decay on norms and biases). SOLVER.AMP.ENABLED on the CPU

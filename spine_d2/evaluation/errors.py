@@ -149,7 +149,8 @@ def classify_misses(
     apart chooses the fix (masks, scores, NMS/overlap, detection). A prediction is a vertebra's
     *own* when that vertebra is the one it overlaps most. Checked in order:
 
-    - ``poor_mask``: an own prediction at or above the score cut, its mask below the IoU threshold;
+    - ``poor_mask``: an own prediction at or above the score cut, its mask below the IoU threshold
+      (or one the evaluator paired with it: a detection the chain rescue kept under the cut);
     - ``low_score``: an own prediction under the score cut that would match (IoU >= threshold);
     - ``under_neighbour``: only predictions of neighbours (at or above the cut) cover >= ``cover``
       of it: merged into a neighbour's mask, or its own box was suppressed next to one;
@@ -202,7 +203,9 @@ def classify_misses(
                     f"{len(gts)} annotations (results from another version of the dataset?)"
                 )
             own = (owner == g) & (iou[:, g] > 0) if len(prles) else np.zeros(0, bool)
-            if np.any(own & kept & (iou[:, g] >= iou_thresh)):
+            if m.get("best_iou", 0) > 0:  # the evaluator paired a detection it kept with it
+                kind = "poor_mask"
+            elif np.any(own & kept & (iou[:, g] >= iou_thresh)):
                 kind = "unmatched"
             elif np.any(own & kept):
                 kind = "poor_mask"

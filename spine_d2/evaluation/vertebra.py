@@ -150,7 +150,10 @@ class VertebraEvaluator(DatasetEvaluator):
                     f"image {inp['image_id']}: {len(pred_levels)} pred_levels for "
                     f"{len(instances)} instances"
                 )
-            keep = (instances.scores >= self._score_thresh).nonzero().flatten().tolist()
+            keep = instances.scores >= self._score_thresh
+            if instances.has("pred_rescued"):  # under the cut, accepted by the chain rescue
+                keep = keep | instances.pred_rescued
+            keep = keep.nonzero().flatten().tolist()
             if keep and not instances.has("pred_masks"):
                 raise ValueError(
                     f"image {inp['image_id']}: VertebraEvaluator needs pred_masks (a mask model)"

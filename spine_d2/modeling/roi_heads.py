@@ -8,7 +8,8 @@ agree along the spine. Detections gain ``pred_levels`` (indices into SPINE.LEVEL
 ``level_scores`` (the probability of that level before decoding) and ``level_log_probs``
 (N x len(SPINE.LEVELS), the level branch's evidence; the decoder adds the spacing term and,
 when SPINE.LEVEL_HEAD.PRIOR_WEIGHT > 0, the framing prior: for calibration and
-benchmarks/bench_levels.py).
+benchmarks/bench_levels.py) and ``pred_rescued`` (True for detections under the score cut that
+the chain rescue accepted, SPINE.LEVEL_HEAD.RESCUE; all False when it is off).
 
 Context (SPINE.LEVEL_HEAD.CONTEXT_SCALE > 1): a vertebral body alone does not say whether it is
 T1 or C7, L5 or S1; the ribs, clavicles and pelvis around it do. Each proposal's box, enlarged
@@ -29,6 +30,7 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from .levels import LevelPrior, decode_levels
+from .rescue import rescue_chain
 
 __all__ = ["LevelROIHeads"]
 
@@ -49,6 +51,10 @@ class LevelROIHeads(StandardROIHeads):
         prior_weight: float = 0.0,
         level_names: Sequence[str] = (),
         context_scale: float = 0.0,
+        rescue_expected: int = 0,
+        rescue_min_score: float = 0.2,
+        rescue_gap_factor: float = 1.6,
+        rescue_max_overlap: float = 0.3,
         **kwargs,
     ):
         """
@@ -63,6 +69,11 @@ class LevelROIHeads(StandardROIHeads):
                 detections; ``level_names`` (SPINE.LEVELS) maps its levels to the classes.
             context_scale: > 1 adds the context branch (module docstring): boxes enlarged by
                 this factor in width and height; 0 = off.
+            rescue_expected, rescue_min_score, rescue_gap_factor, rescue_max_overlap: chain
+                rescue (:func:`~spine_d2.modeling.rescue.rescue_chain`): detections scored
+                ``rescue_min_score`` .. ``level_score_thresh`` that complete a chain of fewer than
+                ``rescue_expected`` confident ones join the decoding and are flagged in
+                ``pred_rescued``; ``rescue_expected`` 0 = off.
             kwargs: StandardROIHeads' arguments.
         """
         super().__init__(**kwargs)
@@ -88,6 +99,18 @@ class LevelROIHeads(StandardROIHeads):
                 f"SPINE.LEVEL_HEAD.CONTEXT_SCALE must be 0 (off) or > 1, not {context_scale}"
             )
         self.context_scale = float(context_scale)
+        if rescue_expected < 0 or (
+            rescue_expected and not 0 < rescue_min_score < level_score_thresh
+        ):
+            raise ValueError(
+                "SPINE.LEVEL_HEAD.RESCUE: EXPECTED must be >= 0 and MIN_SCORE in (0, "
+                f"SPINE.LEVEL_HEAD.SCORE_THRESH={level_score_thresh}), not {rescue_expected}, "
+                f"{rescue_min_score}"
+            )
+        self.rescue_expected = int(rescue_expected)
+        self.rescue_min_score = float(rescue_min_score)
+        self.rescue_gap_factor = float(rescue_gap_factor)
+        self.rescue_max_overlap = float(rescue_max_overlap)
         if self.context_scale:
             dim = self.box_head.output_shape.channels
             self.context_cls = nn.Linear(dim, self.num_classes + 1)
@@ -111,6 +134,10 @@ class LevelROIHeads(StandardROIHeads):
             prior_weight=head.PRIOR_WEIGHT,
             level_names=list(cfg.SPINE.LEVELS),
             context_scale=head.CONTEXT_SCALE,
+            rescue_expected=head.RESCUE.EXPECTED,
+            rescue_min_score=head.RESCUE.MIN_SCORE,
+            rescue_gap_factor=head.RESCUE.GAP_FACTOR,
+            rescue_max_overlap=head.RESCUE.MAX_OVERLAP,
         )
         return ret
 
@@ -160,10 +187,30 @@ class LevelROIHeads(StandardROIHeads):
             return logits.sum() * 0.0
         return F.cross_entropy(logits[valid], gt_levels[valid])
 
+    @property
+    def keep_score(self) -> float:
+        """Lowest score a detection needs to be kept downstream (ZOI export's speed-up): the
+        rescue's floor when it is on."""
+        return self.rescue_min_score if self.rescue_expected else self.level_score_thresh
+
     def _label_levels(self, inst: Instances, logits: torch.Tensor) -> None:
         log_probs = F.log_softmax(logits, dim=1)
         levels = log_probs.argmax(dim=1)
-        confident = (inst.scores >= self.level_score_thresh).nonzero().flatten()
+        accepted = inst.scores >= self.level_score_thresh
+        rescued = torch.zeros_like(accepted)
+        if self.rescue_expected:
+            picked = rescue_chain(
+                inst.pred_boxes.tensor.detach().float().cpu().numpy(),
+                inst.scores.detach().float().cpu().numpy(),
+                accepted.cpu().numpy(),
+                self.rescue_expected,
+                self.rescue_min_score,
+                self.rescue_gap_factor,
+                self.rescue_max_overlap,
+            )
+            rescued[torch.as_tensor(picked, dtype=torch.long, device=rescued.device)] = True
+        inst.pred_rescued = rescued
+        confident = (accepted | rescued).nonzero().flatten()
         if len(confident) >= 2:
             boxes = inst.pred_boxes[confident]
             evidence = log_probs[confident].cpu().numpy()

@@ -211,7 +211,8 @@ class ZOIExporter:
             yield
             return
         keep_from = min(
-            float(self.cfg.ZOI.SCORE_THRESH), getattr(heads, "level_score_thresh", float("inf"))
+            float(self.cfg.ZOI.SCORE_THRESH),
+            getattr(heads, "keep_score", getattr(heads, "level_score_thresh", float("inf"))),
         )
         # detectron2 keeps scores > thresh; ZOIs and the level decoder take scores >= theirs
         predictor.test_score_thresh = max(old, keep_from - 1e-6)

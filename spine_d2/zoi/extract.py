@@ -58,7 +58,10 @@ def scale_to_original(instances, height: int, width: int, score_thresh: float = 
     boxes = instances.pred_boxes.clone()
     boxes.scale(scale_x, scale_y)
     boxes.clip((height, width))
-    keep = boxes.nonempty() & (instances.scores >= score_thresh)
+    confident = instances.scores >= score_thresh
+    if instances.has("pred_rescued"):  # under the cut, accepted by the chain rescue
+        confident = confident | instances.pred_rescued
+    keep = boxes.nonempty() & confident
     idx = keep.nonzero().flatten().tolist()
     return ScanPredictions(
         boxes=boxes.tensor[keep].float(),

@@ -184,6 +184,17 @@ def test_score_threshold_drops_low_score_predictions():
     assert m["recall/L1"] == 0.5
 
 
+def test_detections_the_chain_rescue_accepted_are_kept_under_the_cut():
+    masks = [rect_mask(*r) for r in RECTS]
+    scores = [0.9, 0.9, 0.3, 0.9, 0.3]  # L1 and a false positive under the cut
+    out = prediction(masks + [rect_mask(2, 2, 10, 10)], scores=scores)
+    out["instances"].pred_rescued = torch.tensor([False, False, True, False, False])
+    with registered(two_images()) as name:
+        m = run(VertebraEvaluator(name, score_thresh=0.5), [0, 1], [out, prediction(masks)])
+    m = m["vertebra"]
+    assert m["recall"] == 1.0 and m["num_pred"] == 8.0  # L1 kept, the unflagged 0.3 not
+
+
 def test_matching_is_class_aware_with_per_class_recall():
     classes = ("vertebra", "sacrum")
     records = [image_record(0, [gt_annotation(RECTS[0], 0), gt_annotation(RECTS[1], 1)])]
