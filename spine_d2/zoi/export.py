@@ -221,6 +221,14 @@ class ZOIExporter:
         finally:
             predictor.test_score_thresh = old
 
+    @property
+    def _keep_rescued(self) -> bool:
+        """Rescued bodies fill a chain of detections at the level decoder's cut; an export cut
+        stricter than that drops detections above them, so it drops them too."""
+        heads = getattr(self.model, "roi_heads", None)
+        chain_cut = getattr(heads, "level_score_thresh", float("inf"))
+        return float(self.cfg.ZOI.SCORE_THRESH) <= chain_cut
+
     def _predict(self, ready):
         inputs = [
             {"image": r["image"], "height": r["pixels"].shape[0], "width": r["pixels"].shape[1]}
@@ -238,7 +246,9 @@ class ZOIExporter:
                     levels[i] if 0 <= i < len(levels) else None for i in inst.pred_levels.tolist()
                 ]
             h, w = r["pixels"].shape[:2]
-            preds.append(scale_to_original(inst, h, w, self.cfg.ZOI.SCORE_THRESH, lv))
+            preds.append(
+                scale_to_original(inst, h, w, self.cfg.ZOI.SCORE_THRESH, lv, self._keep_rescued)
+            )
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self._add("model", time.perf_counter() - t0)

@@ -49,9 +49,12 @@ class ScanPredictions:
         return len(self.scores)
 
 
-def scale_to_original(instances, height: int, width: int, score_thresh: float = 0.0, levels=None):
+def scale_to_original(
+    instances, height: int, width: int, score_thresh: float = 0.0, levels=None, rescued=True
+):
     """Raw network outputs (``inference(..., do_postprocess=False)``, at the resized size) ->
-    ScanPredictions at ``height`` x ``width``, as ``detector_postprocess`` maps them."""
+    ScanPredictions at ``height`` x ``width``, as ``detector_postprocess`` maps them.
+    ``rescued``: also keep detections under ``score_thresh`` that the chain rescue accepted."""
     instances = instances.to("cpu")
     scale_x = width / instances.image_size[1]
     scale_y = height / instances.image_size[0]
@@ -59,7 +62,7 @@ def scale_to_original(instances, height: int, width: int, score_thresh: float = 
     boxes.scale(scale_x, scale_y)
     boxes.clip((height, width))
     confident = instances.scores >= score_thresh
-    if instances.has("pred_rescued"):  # under the cut, accepted by the chain rescue
+    if rescued and instances.has("pred_rescued"):  # under the cut, accepted by the rescue
         confident = confident | instances.pred_rescued
     keep = boxes.nonempty() & confident
     idx = keep.nonzero().flatten().tolist()

@@ -95,6 +95,7 @@ def test_level_heads_decode_rescued_bodies_with_the_confident_ones(heads):
     inst.pred_masks = torch.ones(len(scores), 1, 28, 28)
     kept = scale_to_original(inst, 800, 300, score_thresh=0.5)
     assert len(kept) == 17
+    assert len(scale_to_original(inst, 800, 300, 0.5, rescued=False)) == 15  # a stricter export
     # ...but a model without the rescue keeps only the confident ones
     inst.pred_rescued = torch.zeros(len(scores), dtype=torch.bool)
     assert len(scale_to_original(inst, 800, 300, score_thresh=0.5)) == 15

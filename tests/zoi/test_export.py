@@ -209,3 +209,15 @@ def test_export_score_threshold_lever_is_lossless(
         (l["zois"], l["suspected_missing"]) for l in plain
     ]
     assert random_model.roi_heads.box_predictor.test_score_thresh == 0.0  # restored
+
+
+def test_rescued_bodies_are_exported_unless_the_export_cut_is_the_stricter(export_cfg):
+    from detectron2.modeling import build_model
+
+    def exporter(*opts):
+        cfg = export_cfg("MODEL.ROI_HEADS.NAME", "LevelROIHeads", *opts)
+        return ZOIExporter(cfg, build_model(cfg).eval())
+
+    assert exporter()._keep_rescued  # 0.5 and the level decoder's 0.5
+    assert not exporter("ZOI.SCORE_THRESH", "0.7")._keep_rescued
+    assert exporter("ZOI.SCORE_THRESH", "0.3")._keep_rescued
