@@ -181,7 +181,7 @@ def classify_misses(
         anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
         gts = [_annotation_rle(a, h, w) for a in anns]
         preds = by_image.get(film["image_id"], [])
-        prles = [_rle(p["segmentation"]) for p in preds]
+        prles = [_annotation_rle(p, h, w) for p in preds]
         iou = (
             np.asarray(mask_util.iou(prles, gts, [0] * len(gts))).reshape(len(prles), len(gts))
             if prles and gts
@@ -218,15 +218,6 @@ def classify_misses(
             m["kind"] = kind
             counts[kind] += 1
     return {k: counts[k] for k in MISS_KINDS}
-
-
-def _rle(segm):
-    """A COCO-json RLE (counts as text) as pycocotools takes it."""
-    counts = segm["counts"]
-    return {
-        "size": list(segm["size"]),
-        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
-    }
 
 
 def _covered(gt, rles, cover) -> bool:

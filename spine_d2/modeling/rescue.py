@@ -18,26 +18,12 @@ level decoding and the rescued bodies are named with the others.
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
 from ..zoi.order import order_along_spine
 
 __all__ = ["rescue_chain"]
-
-
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of XYXY boxes a (N x 4) with b (M x 4)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9)
-
-
-def _median_excluding(spacing: np.ndarray, k: int, window: int = 2) -> float:
-    """Median of up to ``window`` spacings on each side of spacing k, itself excluded."""
-    near = np.concatenate([spacing[max(k - window, 0) : k], spacing[k + 1 : k + 1 + window]])
-    return float(np.median(near)) if len(near) else float(spacing[k])
 
 
 def rescue_chain(
@@ -77,7 +63,8 @@ def rescue_chain(
     centers = (boxes[:, :2] + boxes[:, 2:]) / 2
     cand = np.flatnonzero(~accepted & (scores >= min_score))
     if len(cand):
-        cand = cand[_box_iou(boxes[cand], boxes[idx]).max(axis=1) <= max_overlap]
+        overlap = box_iou(torch.from_numpy(boxes[cand]), torch.from_numpy(boxes[idx]))
+        cand = cand[overlap.max(dim=1).values.numpy() <= max_overlap]
     if not len(cand):
         return []
     chain = order_along_spine(centers[idx], gap_factor)
@@ -98,7 +85,8 @@ def rescue_chain(
     for k, n in chain.gaps:
         a, b = pts[k], pts[k + 1]
         length = float(spacing[k])
-        step = min(_median_excluding(spacing, k), length / 2)
+        # the chain's ratios are each spacing over the median of its neighbours'
+        step = min(length / chain.ratios[k], length / 2)
         along, across = along_across(a, b - a)
         take((along >= 0.5 * step) & (along <= length - 0.5 * step) & (across <= step), n)
     # Ends: the step of the last three spacings (one of them may be a gap).
