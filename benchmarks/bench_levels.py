@@ -20,7 +20,10 @@ Prints one JSON line and saves it.
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
 import time
+from pathlib import Path
 
 import torch
 from summarize import (  # benchmarks/ is on sys.path when run as a script
@@ -36,7 +39,8 @@ _weights = float_list(lambda w: w >= 0, "weights must be >= 0")
 
 def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
     """Per image: (boxes XYXY, image height, level log-probs, [(gt index, detection index)]
-    matched at IoU 0.5, gt level names) for the detections at or above ``score_thresh``."""
+    matched at IoU 0.5, gt level names) for the detections the decoder sees: at or above
+    ``score_thresh``, and those the chain rescue accepted (SPINE.LEVEL_HEAD.RESCUE)."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     from spine_d2.engine.trainer import SpineTrainer
@@ -52,7 +56,10 @@ def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
         for batch in tqdm(loader, desc=f"bench_levels {dataset}", unit="scan"):
             inst = model(batch)[0]["instances"].to("cpu")
             g = gt[batch[0]["image_id"]]
-            keep = (inst.scores >= score_thresh).nonzero().flatten()
+            confident = inst.scores >= score_thresh
+            if inst.has("pred_rescued"):  # the chain rescue's picks are decoded with them
+                confident = confident | inst.pred_rescued
+            keep = confident.nonzero().flatten()
             inst = inst[keep]
             if len(inst) == 0:
                 continue
@@ -67,6 +74,36 @@ def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
                     g["levels"],
                 )
             )
+    return items
+
+
+def save_cache(path, weights: str, dataset: str, items: list) -> None:
+    """Pickle to a temporary name, then rename: an interrupted run never leaves half a cache."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump({"weights": weights, "dataset": dataset, "items": items}, f)
+    os.replace(tmp, path)
+
+
+def load_cache(path, weights: str, dataset: str):
+    """The cached items, or None when there is no cache yet; SystemExit naming the file when it
+    is unreadable or was collected from other weights or another dataset."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+        items, source = data["items"], (data["weights"], data["dataset"])
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as e:
+        raise SystemExit(f"bench_levels: error: {path}: not a bench_levels cache ({e!r})")
+    if source != (weights, dataset):
+        raise SystemExit(
+            f"bench_levels: error: {path}: collected from {source[0]} on {source[1]}, "
+            f"not {weights} on {dataset} (delete it or name another --cache)"
+        )
     return items
 
 
@@ -130,6 +167,13 @@ def main(argv=None) -> dict:
         help="score each image also without its top and without its bottom detection "
         "(with_end_drops): how weights chosen on a training split cope with missed ends",
     )
+    ap.add_argument(
+        "--cache",
+        default="",
+        help="pickle of the collected detections: read if it exists (no inference; it must "
+        "come from the same --weights and --dataset), else written, so decoder settings can be "
+        "replayed in seconds",
+    )
     ap.add_argument("--out", default="output/bench/bench_levels.json")
     args = ap.parse_args(argv)
 
@@ -139,7 +183,11 @@ def main(argv=None) -> dict:
     cfg = build_config(args.config_file, ["MODEL.WEIGHTS", args.weights, "SPINE.EVAL.AMP", ""])
     head = cfg.SPINE.LEVEL_HEAD
     t0 = time.perf_counter()
-    items = collect(cfg, args.weights, args.dataset, head.SCORE_THRESH)
+    items = load_cache(args.cache, args.weights, args.dataset) if args.cache else None
+    if items is None:
+        items = collect(cfg, args.weights, args.dataset, head.SCORE_THRESH)
+        if args.cache:
+            save_cache(args.cache, args.weights, args.dataset, items)
     t_infer = time.perf_counter() - t0
     levels = list(cfg.SPINE.LEVELS)
     prior_file = args.prior_file or head.PRIOR_FILE

@@ -50,3 +50,20 @@ def test_end_drops_remove_the_top_and_the_bottom_detection_and_reindex_pairs():
     assert no_bottom[0].tolist() == boxes[[0, 1]].tolist() and no_bottom[3] == [(1, 0), (0, 1)]
     # two detections or fewer: nothing to drop without emptying the chain
     assert len(bench_levels.with_end_drops([(boxes[:2], 100, log_probs[:2], [], [])])) == 1
+
+
+def test_level_cache_round_trips_and_refuses_other_weights_or_a_bad_file(tmp_path):
+    import numpy as np
+
+    items = [(np.zeros((2, 4)), 100, np.zeros((2, 3)), [(0, 1)], ["T1", "T2"])]
+    path = tmp_path / "sub" / "levels.pkl"
+    assert bench_levels.load_cache(path, "w.pth", "spine_aasce_val") is None
+    bench_levels.save_cache(path, "w.pth", "spine_aasce_val", items)
+    assert not path.with_name("levels.pkl.tmp").exists()
+    got = bench_levels.load_cache(path, "w.pth", "spine_aasce_val")
+    assert got[0][3] == [(0, 1)] and got[0][4] == ["T1", "T2"]
+    with pytest.raises(SystemExit, match="collected from w.pth on spine_aasce_val, not v.pth"):
+        bench_levels.load_cache(path, "v.pth", "spine_aasce_val")
+    path.write_bytes(b"not a pickle")
+    with pytest.raises(SystemExit, match="levels.pkl: not a bench_levels cache"):
+        bench_levels.load_cache(path, "w.pth", "spine_aasce_val")

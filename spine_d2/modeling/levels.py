@@ -8,10 +8,11 @@ confident vertebra (C7's long process, T1's first rib pair, L1 without ribs) fix
 neighbours.
 
 The spacing between consecutive detections is evidence too: about one local spacing between
-neighbours, about two where the detector missed the vertebra between them. With
-``spacing_weight`` > 0 a jump of k levels across a spacing ratio r costs
-``spacing_weight * (k - r)**2`` more, so a chain of look-alike thoracic vertebrae cannot slide by
-one level, nor skip one, against the geometry. Whether that helps depends on how regular the
+neighbours, about two where the detector missed the vertebra between them, about none between
+a vertebra and its duplicate. With ``spacing_weight`` > 0 a jump of k levels (k = 0: a repeat)
+across a spacing ratio r costs ``spacing_weight * (k - r)**2`` more, so a chain of look-alike
+thoracic vertebrae cannot slide by one level, skip one, nor name two vertebrae alike, against
+the geometry. Whether that helps depends on how regular the
 spacing of a dataset is (README, Real radiographs): full-spine films yes, cropped DRR views
 with slivers at their edges no, hence off by default.
 
@@ -58,8 +59,9 @@ def decode_levels(
             vertebra is possible but needs evidence.
         repeat_cost: cost of giving two consecutive detections the same level (a duplicate
             detection), so that one duplicate does not shift every level below it.
-        spacing_weight: nats per squared level of disagreement between a jump and the spacing
-            ratio of the two detections (``zoi.order.spacing_ratios``); 0 ignores spacing.
+        spacing_weight: nats per squared level of disagreement between a jump (0 for a
+            repeat) and the spacing ratio of the two detections (``zoi.order.spacing_ratios``);
+            0 ignores spacing.
     """
     if spacing_weight < 0:
         raise ValueError(f"spacing_weight must be >= 0, got {spacing_weight}")
@@ -82,10 +84,10 @@ def decode_levels(
     back = np.zeros((n, num_levels), dtype=np.int64)
     for i in range(1, n):
         step = trans
-        if spacing_weight > 0 and np.isfinite(
-            ratios[i - 1]
-        ):  # the repeat keeps its own cost: duplicates lie close
-            step = np.where(b > a, trans - spacing_weight * (jump - ratios[i - 1]) ** 2, trans)
+        if spacing_weight > 0 and np.isfinite(ratios[i - 1]):
+            # a repeat is a jump of 0: nearly free for a duplicate (ratio ~0), as dear as a skip
+            # across an even spacing for two vertebrae one spacing apart
+            step = np.where(b >= a, trans - spacing_weight * (jump - ratios[i - 1]) ** 2, trans)
         total = score[:, None] + step  # from level a (rows) to level b (columns)
         back[i] = total.argmax(0)
         score = total.max(0) + lp[i]

@@ -107,14 +107,19 @@ def spacing_ratios(ordered: np.ndarray, window: int = 2) -> np.ndarray:
     """Each spacing between consecutive ``ordered`` centroids divided by the median of up to
     ``window`` spacings on each side of it (itself excluded): ~1 between neighbours, ~2 where
     one vertebra between them was missed. NaN when there are fewer than 3 spacings, because
-    two cannot tell which one is the odd one out."""
+    two cannot tell which one is the odd one out. Spacings under half the chain's median (a
+    duplicate detection and its twin) are left out of the neighbours' median where others
+    remain: next to a duplicate an even spacing would otherwise look like a gap."""
     ordered = np.asarray(ordered, dtype=np.float64).reshape(-1, 2)
     spacing = np.linalg.norm(np.diff(ordered, axis=0), axis=1)
     ratios = np.full(len(spacing), np.nan)
     if len(spacing) < 3:
         return ratios
+    floor = 0.5 * float(np.median(spacing))
     for k, s in enumerate(spacing):
         near = np.concatenate([spacing[max(k - window, 0) : k], spacing[k + 1 : k + 1 + window]])
+        if (near >= floor).any():
+            near = near[near >= floor]
         ref = float(np.median(near))
         if ref > 0:
             ratios[k] = s / ref

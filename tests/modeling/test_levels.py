@@ -76,6 +76,23 @@ def test_a_duplicate_detection_does_not_shift_the_levels_below_it():
     centers = np.insert(centers, 2, centers[1] + [1.0, 1.0], axis=0)
     lp = _log_probs(true, 24, confident=range(6), rng=rng, noise=0.1)
     np.testing.assert_array_equal(decode_levels(centers, lp), true)
+    # a duplicate lies about no spacing from its twin: the spacing term lets the repeat stand
+    np.testing.assert_array_equal(decode_levels(centers, lp, spacing_weight=8.0), true)
+
+
+def test_spacing_weight_forbids_naming_two_vertebrae_one_spacing_apart_alike():
+    """A chain whose ends disagree (AASCE val: all 17 bodies found, the top one sure it is T1,
+    the bottom one, L5, sure it is L4): with repeats exempt from the spacing term the cheapest
+    reading was a repeat (4 nats) that shifted every name below it up by one."""
+    rng = np.random.default_rng(4)
+    true = np.arange(5, 13)  # T1..T8 of SPINE.LEVELS (C1..C7 first)
+    centers = _curved_spine(len(true))
+    lp = _log_probs(true, 24, confident=[0], rng=rng, noise=0.1)
+    lp[-1, true[-1] - 1] += 8.0  # the bottom one looks like the level above it, as strongly
+    lp[3, true[3]] += 5.0  # and the middle leans to the truth
+    plain = decode_levels(centers, lp, spacing_weight=0.0)
+    assert (plain[1:] == plain[:-1]).any(), "plain decoding should pay the repeat"
+    np.testing.assert_array_equal(decode_levels(centers, lp, spacing_weight=8.0), true)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import torch
 
 from spine_d2.config import VERTEBRA_LEVELS
 from spine_d2.zoi.extract import ScanPredictions, extract_zois
-from spine_d2.zoi.order import assign_levels, find_gaps, order_along_spine
+from spine_d2.zoi.order import assign_levels, find_gaps, order_along_spine, spacing_ratios
 
 
 def _curved_spine(n=14):
@@ -36,6 +36,18 @@ def test_gap_found_where_one_vertebra_was_removed():
     assert len(seq.ratios) == len(removed) - 1
     assert 1.8 < seq.ratios[5] < 2.2
     assert np.all(np.abs(np.delete(seq.ratios, 5) - 1) < 0.2)
+
+
+def test_a_duplicate_detection_fakes_no_gap_next_to_it():
+    y = np.arange(6) * 20.0
+    pts = np.stack([np.full(6, 50.0), y], axis=1)
+    pts = np.insert(pts, 2, pts[1] + [2.0, 1.5], axis=0)  # the second vertebra found twice
+    ratios = spacing_ratios(pts)
+    assert ratios[1] < 0.2  # the twins
+    # the top spacing against its only neighbours (the twins' 2.5 and 18.6 -> median 10.6)
+    # would be 1.9, a gap, were the twins' spacing not left out of the reference
+    assert np.all(np.abs(np.delete(ratios, 1) - 1) < 0.15), ratios
+    assert find_gaps(pts) == []
 
 
 def test_levels_from_anchor_skip_the_gap():
