@@ -77,32 +77,34 @@ def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
     return items
 
 
-def save_cache(path, weights: str, dataset: str, items: list) -> None:
-    """Pickle to a temporary name, then rename: an interrupted run never leaves half a cache."""
+def save_cache(path, source: tuple, items: list) -> None:
+    """Pickle to a temporary name, then rename: an interrupted run never leaves half a cache.
+    ``source``: (config file, weights, dataset), what decides which detections were kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        pickle.dump({"weights": weights, "dataset": dataset, "items": items}, f)
+        pickle.dump({"source": list(source), "items": items}, f)
     os.replace(tmp, path)
 
 
-def load_cache(path, weights: str, dataset: str):
+def load_cache(path, source: tuple):
     """The cached items, or None when there is no cache yet; SystemExit naming the file when it
-    is unreadable or was collected from other weights or another dataset."""
+    is unreadable or was collected with another config, other weights or another dataset."""
     path = Path(path)
     if not path.exists():
         return None
     try:
         with open(path, "rb") as f:
             data = pickle.load(f)
-        items, source = data["items"], (data["weights"], data["dataset"])
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as e:
+        items, cached = data["items"], tuple(data["source"])
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError,
+            AttributeError, ImportError, IndexError) as e:  # fmt: skip
         raise SystemExit(f"bench_levels: error: {path}: not a bench_levels cache ({e!r})")
-    if source != (weights, dataset):
+    if cached != tuple(source):
         raise SystemExit(
-            f"bench_levels: error: {path}: collected from {source[0]} on {source[1]}, "
-            f"not {weights} on {dataset} (delete it or name another --cache)"
+            f"bench_levels: error: {path}: collected with {' / '.join(cached)}, not "
+            f"{' / '.join(source)} (config / weights / dataset; delete it or name another --cache)"
         )
     return items
 
@@ -171,8 +173,8 @@ def main(argv=None) -> dict:
         "--cache",
         default="",
         help="pickle of the collected detections: read if it exists (no inference; it must "
-        "come from the same --weights and --dataset), else written, so decoder settings can be "
-        "replayed in seconds",
+        "come from the same --config-file, --weights and --dataset; a pickle runs code when "
+        "read, so only name your own), else written, so decoder settings replay in seconds",
     )
     ap.add_argument("--out", default="output/bench/bench_levels.json")
     args = ap.parse_args(argv)
@@ -183,11 +185,12 @@ def main(argv=None) -> dict:
     cfg = build_config(args.config_file, ["MODEL.WEIGHTS", args.weights, "SPINE.EVAL.AMP", ""])
     head = cfg.SPINE.LEVEL_HEAD
     t0 = time.perf_counter()
-    items = load_cache(args.cache, args.weights, args.dataset) if args.cache else None
+    source = (args.config_file, args.weights, args.dataset)
+    items = load_cache(args.cache, source) if args.cache else None
     if items is None:
         items = collect(cfg, args.weights, args.dataset, head.SCORE_THRESH)
         if args.cache:
-            save_cache(args.cache, args.weights, args.dataset, items)
+            save_cache(args.cache, source, items)
     t_infer = time.perf_counter() - t0
     levels = list(cfg.SPINE.LEVELS)
     prior_file = args.prior_file or head.PRIOR_FILE

@@ -57,13 +57,14 @@ def test_level_cache_round_trips_and_refuses_other_weights_or_a_bad_file(tmp_pat
 
     items = [(np.zeros((2, 4)), 100, np.zeros((2, 3)), [(0, 1)], ["T1", "T2"])]
     path = tmp_path / "sub" / "levels.pkl"
-    assert bench_levels.load_cache(path, "w.pth", "spine_aasce_val") is None
-    bench_levels.save_cache(path, "w.pth", "spine_aasce_val", items)
+    source = ("c.yaml", "w.pth", "spine_aasce_val")
+    assert bench_levels.load_cache(path, source) is None
+    bench_levels.save_cache(path, source, items)
     assert not path.with_name("levels.pkl.tmp").exists()
-    got = bench_levels.load_cache(path, "w.pth", "spine_aasce_val")
+    got = bench_levels.load_cache(path, source)
     assert got[0][3] == [(0, 1)] and got[0][4] == ["T1", "T2"]
-    with pytest.raises(SystemExit, match="collected from w.pth on spine_aasce_val, not v.pth"):
-        bench_levels.load_cache(path, "v.pth", "spine_aasce_val")
+    with pytest.raises(SystemExit, match="with c.yaml / w.pth / spine_aasce_val, not c.yaml / v"):
+        bench_levels.load_cache(path, ("c.yaml", "v.pth", "spine_aasce_val"))
     path.write_bytes(b"not a pickle")
     with pytest.raises(SystemExit, match="levels.pkl: not a bench_levels cache"):
-        bench_levels.load_cache(path, "w.pth", "spine_aasce_val")
+        bench_levels.load_cache(path, source)
