@@ -85,9 +85,10 @@ def decode_levels(
     for i in range(1, n):
         step = trans
         if spacing_weight > 0 and np.isfinite(ratios[i - 1]):
-            # a repeat is a jump of 0: nearly free for a duplicate (ratio ~0), as dear as a skip
-            # across an even spacing for two vertebrae one spacing apart
-            step = np.where(b >= a, trans - spacing_weight * (jump - ratios[i - 1]) ** 2, trans)
+            # every allowed jump pays, a repeat (jump 0) too: nearly free for a duplicate
+            # (ratio ~0), as dear as a skip across an even spacing for two vertebrae one spacing
+            # apart; backward jumps stay -inf
+            step = trans - spacing_weight * (jump - ratios[i - 1]) ** 2
         total = score[:, None] + step  # from level a (rows) to level b (columns)
         back[i] = total.argmax(0)
         score = total.max(0) + lp[i]
