@@ -58,3 +58,53 @@ def test_missing_results_is_one_line_error(tmp_path):
         text=True,
     )
     assert r.returncode != 0 and "eval_results.json: not found" in r.stderr
+
+
+def _vertebra_results(run_dir, matched, image_ids=None, dataset="spine_x"):
+    d = run_dir / "inference" / dataset
+    d.mkdir(parents=True)
+    per_image = [
+        {"image_id": i, "missed": [], "num_matched": m, "num_gt": 10, "num_pred": 10,
+         "dice_sum": 0.9 * m, "level_hits": m, "num_levelled": m}  # fmt: skip
+        for i, m in zip(image_ids or range(len(matched)), matched)
+    ]
+    (d / "vertebra_results.json").write_text(json.dumps({"per_image": per_image}))
+
+
+def test_paired_differences_with_intervals_need_the_same_images(tmp_path):
+    a = _run_dir(tmp_path, "a", 80.0, 0.9, [(600, "0:15:00", "1.5")])
+    b = _run_dir(tmp_path, "b", 81.0, 0.95, [(600, "0:15:00", "1.5")])
+    _vertebra_results(a, [8, 9, 7, 9] * 10)
+    _vertebra_results(b, [9, 9, 8, 9] * 10)  # one more body in half the films
+    out = tmp_path / "t.json"
+    cmd = [sys.executable, str(ROOT / "tools/compare_runs.py"), f"A={a}", f"B={b}", "--paired"]
+    r = subprocess.run(cmd + ["--json", str(out)], capture_output=True, text=True, check=True)
+    d = json.loads(out.read_text())["paired"][0]
+    assert d["run"] == "B" and d["vs"] == "A"
+    assert abs(d["recall"]["diff"] - 0.05) < 1e-9 and 0 < d["recall"]["low"] <= 0.05
+    assert d["precision"]["diff"] == d["recall"]["diff"]  # 10 predictions per film in both
+    assert "| B | +0.050 (" in r.stdout
+    c = _run_dir(tmp_path, "c", 81.0, 0.95, [(600, "0:15:00", "1.5")])
+    _vertebra_results(c, [9] * 40, image_ids=range(1, 41))
+    r = subprocess.run(cmd[:3] + [f"C={c}", "--paired"], capture_output=True, text=True)
+    assert r.returncode != 0 and "--paired needs the same test set" in r.stderr
+    r = subprocess.run(cmd[:2] + [f"X={tmp_path}", f"A={a}", "--paired"], capture_output=True,
+                       text=True)  # fmt: skip
+    assert r.returncode != 0 and "eval_results.json: not found" in r.stderr
+
+
+def test_paired_asks_to_evaluate_again_for_results_without_per_image_counts(tmp_path):
+    a = _run_dir(tmp_path, "a", 80.0, 0.9, [(600, "0:15:00", "1.5")])
+    b = _run_dir(tmp_path, "b", 81.0, 0.95, [(600, "0:15:00", "1.5")])
+    _vertebra_results(a, [8, 9])
+    old = b / "inference" / "spine_x"
+    old.mkdir(parents=True)
+    (old / "vertebra_results.json").write_text(
+        json.dumps({"per_image": [{"missed": [], "image_id": 0}]})
+    )
+    cmd = [sys.executable, str(ROOT / "tools/compare_runs.py"), f"A={a}", f"B={b}", "--paired"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert (
+        r.returncode != 0 and "evaluate again" in r.stderr and "vertebra_results.json" in r.stderr
+    )
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -6,6 +6,11 @@ python tools/compare_runs.py "AASCE only=output/aasce/..._scratch_cpu" "DRR only
 Each OUTPUT_DIR needs inference/eval_results.json (written by every evaluation) and log.txt
 (its "Overall training speed" line gives iterations and wall time). Prints the table; --json
 also writes the figures.
+
+--paired adds a second table: each run against the first on the same test images, the
+difference in recall, precision, Dice and level accuracy with its 95 % interval from shared
+resamples of the images (spine_d2.evaluation.bootstrap), read from the runs'
+inference/<dataset>/vertebra_results.json. A difference whose interval holds 0 is not evidence.
 """
 
 import argparse
@@ -46,10 +51,55 @@ def run_summary(out_dir) -> dict:
     return row
 
 
+def per_image_counts(out_dir, dataset: str = "") -> tuple:
+    """(image ids, counts) of a run's vertebra_results.json; SystemExit naming the file when it
+    is missing, ambiguous or from a spine-d2 without the per-image counts."""
+    from spine_d2.errors import SpineError
+    from spine_d2.evaluation.bootstrap import image_counts
+    from spine_d2.evaluation.errors import load_vertebra_results
+
+    inference = Path(out_dir) / "inference"
+    found = sorted(inference.glob(f"{dataset or '*'}/vertebra_results.json"))
+    if len(found) != 1:
+        what = "none" if not found else ", ".join(p.parent.name for p in found)
+        raise SystemExit(
+            f"error: {inference}: {what} for --paired "
+            f"({'evaluate the run first' if not found else 'name one with --dataset'})"
+        )
+    try:
+        payload = load_vertebra_results(found[0])
+        return [im["image_id"] for im in payload["per_image"]], image_counts(payload["per_image"])
+    except SpineError as e:
+        raise SystemExit(f"error: {e}")
+    except KeyError as e:
+        raise SystemExit(f"error: {found[0]}: no per-image {e} (written before spine-d2 saved "
+                         "the counts the intervals need); evaluate again")  # fmt: skip
+
+
+def paired_rows(rows, dataset: str = "") -> list:
+    """Each run after the first against the first: bootstrap.paired_difference per metric."""
+    from spine_d2.evaluation.bootstrap import paired_difference
+
+    ids0, base = per_image_counts(rows[0]["dir"], dataset)
+    out = []
+    for r in rows[1:]:
+        ids, counts = per_image_counts(r["dir"], dataset)
+        if ids != ids0:
+            raise SystemExit(
+                f"error: {r['dir']}: evaluated on other images than {rows[0]['dir']} "
+                f"({len(ids)} vs {len(ids0)}); --paired needs the same test set"
+            )
+        out.append({"run": r["run"], "vs": rows[0]["run"], **paired_difference(base, counts)})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("runs", nargs="+", help="LABEL=OUTPUT_DIR")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--paired", action="store_true",
+                    help="also each run minus the first, with 95%% intervals")  # fmt: skip
+    ap.add_argument("--dataset", default="", help="with --paired: the test set's folder name")
     args = ap.parse_args(argv)
     rows = []
     for spec in args.runs:
@@ -68,8 +118,20 @@ def main(argv=None):
             f"| {r['recall']:.3f} | {r['precision']:.3f} | {r['dice']:.3f} "
             f"| {'-' if lv is None else f'{lv:.3f}'} |"
         )
+    paired = paired_rows(rows, args.dataset) if args.paired and len(rows) > 1 else []
+    if paired:
+        names = {"recall": "recall", "precision": "precision", "mean_dice": "Dice",
+                 "level_accuracy": "level acc."}  # fmt: skip
+        keys = [k for k in names if all(k in p for p in paired)]
+        print()
+        print("| run - " + paired[0]["vs"] + " | " + " | ".join(names[k] for k in keys) + " |")
+        print("|---" * (len(keys) + 1) + "|")
+        for p in paired:
+            cells = [f"{p[k]['diff']:+.3f} ({p[k]['low']:+.3f}, {p[k]['high']:+.3f})" for k in keys]
+            print(f"| {p['run']} | " + " | ".join(cells) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"runs": rows, "paired": paired} if paired else rows,
+                                              indent=1))  # fmt: skip
     return 0
 
 

@@ -30,6 +30,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
 from ..config import VERTEBRA_LEVELS
+from .bootstrap import RATIOS, image_counts, ratio_intervals
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class VertebraEvaluator(DatasetEvaluator):
         model_levels=None,
         distributed=True,
         output_dir=None,
+        bootstrap=2000,
     ):
         """
         Args:
@@ -107,12 +109,18 @@ class VertebraEvaluator(DatasetEvaluator):
             output_dir: if given, ``vertebra_results.json`` is written there: the metrics and,
                 per image, what was missed, the false positives and the wrong levels
                 (``_image_errors``; read back by tools/error_report.py).
+            bootstrap: resamples of the images for the 95 % intervals of recall, precision,
+                Dice and level accuracy (``evaluation.bootstrap``), logged and saved with the
+                metrics; 0 skips them. The returned metrics are the same either way.
         """
         self._dataset_name = dataset_name
         self._iou_thresh = float(iou_thresh)
         self._score_thresh = float(score_thresh)
         self._distributed = distributed
         self._output_dir = output_dir
+        if int(bootstrap) < 0:
+            raise ValueError(f"bootstrap must be >= 0 resamples, got {bootstrap}")
+        self._bootstrap = int(bootstrap)
         self._metadata = MetadataCatalog.get(dataset_name)
         if levels is None:
             levels = list(getattr(self._metadata, "vertebra_levels", [])) or VERTEBRA_LEVELS
@@ -131,6 +139,7 @@ class VertebraEvaluator(DatasetEvaluator):
             levels=cfg.SPINE.LEVELS,
             model_levels=cfg.SPINE.LEVELS,
             output_dir=output_dir,
+            bootstrap=cfg.SPINE.EVAL.BOOTSTRAP,
         )
 
     def reset(self):
@@ -194,9 +203,10 @@ class VertebraEvaluator(DatasetEvaluator):
             preds_by_image[p["image_id"]] = p
 
         results, per_image = self._score(preds_by_image)
-        self._log(results)
+        intervals = self._intervals(per_image)
+        self._log(results, intervals)
         if self._output_dir:
-            self._save(results, per_image)
+            self._save(results, per_image, intervals)
         return {"vertebra": results}
 
     # ------------------------------------------------------------------ internals
@@ -240,12 +250,20 @@ class VertebraEvaluator(DatasetEvaluator):
                 if trunc is not None:
                     gt_by_trunc[trunc] += 1
                     found_by_trunc[trunc] += found_g
+            image_hits = image_pairs = 0
             if pred["levels"] is not None:
                 for g, p, _ in main:
                     if gt["levels"][g] is not None and pred["levels"][p] is not None:
-                        level_pairs += 1
-                        level_hits += str(pred["levels"][p]) == gt["levels"][g]
-            per_image.append(_image_errors(image_id, gt, pred, pairs, main, n_pred))
+                        image_pairs += 1
+                        image_hits += str(pred["levels"][p]) == gt["levels"][g]
+            level_pairs += image_pairs
+            level_hits += image_hits
+            errors = _image_errors(image_id, gt, pred, pairs, main, n_pred)
+            # what the intervals resample (evaluation.bootstrap.RATIOS)
+            errors["dice_sum"] = float(sum(2 * iou / (1 + iou) for _, _, iou in main))
+            errors["level_hits"] = image_hits
+            errors["num_levelled"] = image_pairs
+            per_image.append(errors)
 
         recall = _ratio(found, num_gt)
         precision = _ratio(found, num_pred)  # one-to-one: matched preds == matched GT
@@ -279,7 +297,16 @@ class VertebraEvaluator(DatasetEvaluator):
                 results[f"recall/{name}"] = _ratio(found_by_class[cls], gt_by_class[cls])
         return results, per_image
 
-    def _log(self, results):
+    def _intervals(self, per_image) -> dict:
+        """95 % intervals by resampling images; {} when off or without images."""
+        if not self._bootstrap or not per_image:
+            return {}
+        found = ratio_intervals(image_counts(per_image), n_boot=self._bootstrap)
+        if not found:
+            return {}
+        return {"confidence": 0.95, "resamples": self._bootstrap, "unit": "image", **found}
+
+    def _log(self, results, intervals=None):
         summary = {k: results[k] for k in _SUMMARY_KEYS if k in results}
         logger.info(
             "Vertebra evaluation on %s (IoU >= %.2f, score >= %.2f; fractions):\n%s",
@@ -288,11 +315,19 @@ class VertebraEvaluator(DatasetEvaluator):
             self._score_thresh,
             create_small_table(summary),
         )
+        ranges = {k: f"{v[0]:.4f}-{v[1]:.4f}" for k, v in (intervals or {}).items() if k in RATIOS}
+        if ranges:
+            logger.info(
+                "95%% intervals over %d resamples of the %d images:\n%s",
+                intervals["resamples"],
+                int(results["num_images"]),
+                create_small_table(ranges),
+            )
         per_key = {k: v for k, v in results.items() if k.startswith("recall/")}
         if per_key:
             logger.info("Per-level / per-class recall:\n%s", create_small_table(per_key))
 
-    def _save(self, results, per_image):
+    def _save(self, results, per_image, intervals=None):
         os.makedirs(self._output_dir, exist_ok=True)
         path = os.path.join(self._output_dir, "vertebra_results.json")
         payload = {
@@ -300,6 +335,7 @@ class VertebraEvaluator(DatasetEvaluator):
             "iou_thresh": self._iou_thresh,
             "score_thresh": self._score_thresh,
             "metrics": results,
+            "intervals": intervals or {},
             "per_image": per_image,
         }
         tmp = path + ".tmp"

@@ -286,3 +286,31 @@ def test_saved_per_image_errors_name_misses_false_positives_and_level_errors(tmp
     assert img0["gt_levels"] == LEVELS
     assert (img1["missed"], img1["false_positives"], img1["level_errors"]) == ([], 0, [])
     assert m["recall"] == 6 / 8 and m["precision"] == 6 / 8
+
+
+def test_saved_per_image_counts_rebuild_the_metrics_and_intervals_bracket_them(tmp_path):
+    masks = [rect_mask(*r) for r in RECTS]
+    shifted = rect_mask(42, 40, 38, 22)  # T12 moved 4 rows: IoU 18/26, matched, Dice 0.818
+    out0 = prediction([masks[0], shifted, masks[3]])
+    out0["pred_levels"] = ["T11", "T12", "L1"]  # L2 named L1
+    out1 = prediction(masks)
+    out1["pred_levels"] = list(LEVELS)
+    with registered(two_images()) as name:
+        m = run(VertebraEvaluator(name, output_dir=str(tmp_path)), [0, 1], [out0, out1])
+    m = m["vertebra"]
+    saved = json.loads((tmp_path / "vertebra_results.json").read_text())
+    img0, img1 = saved["per_image"]
+    assert (img0["num_levelled"], img0["level_hits"]) == (3, 2)
+    assert (img1["num_levelled"], img1["level_hits"]) == (4, 4)
+    assert img0["dice_sum"] == pytest.approx(2 + 2 * (18 / 26) / (1 + 18 / 26))
+    assert (img0["dice_sum"] + img1["dice_sum"]) / 7 == pytest.approx(m["mean_dice"])
+    assert m["level_accuracy"] == 6 / 7 and m["recall"] == 7 / 8
+    iv = saved["intervals"]
+    assert iv["resamples"] == 2000 and iv["unit"] == "image"
+    # two images: resamples are {0,0}, {0,1}, {1,1}; recall 3/4 .. 1
+    assert iv["recall"] == [pytest.approx(0.75), pytest.approx(1.0)]
+    for k in ("recall", "precision", "mean_dice", "level_accuracy"):
+        assert iv[k][0] <= m[k] <= iv[k][1]
+    with registered(two_images()) as name:
+        run(VertebraEvaluator(name, output_dir=str(tmp_path), bootstrap=0), [0, 1], [out0, out1])
+    assert json.loads((tmp_path / "vertebra_results.json").read_text())["intervals"] == {}
