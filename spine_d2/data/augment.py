@@ -14,7 +14,7 @@ import math
 import cv2
 import numpy as np
 from detectron2.data import transforms as T
-from fvcore.transforms.transform import ScaleTransform
+from fvcore.transforms.transform import CropTransform, ScaleTransform
 
 __all__ = [
     "LowDoseNoiseTransform",
@@ -29,6 +29,8 @@ __all__ = [
     "RandomWindow",
     "RandomGaussianBlur",
     "RandomScaleJitter",
+    "ClipCropTransform",
+    "RandomClipCrop",
     "build_xray_augmentations",
 ]
 
@@ -264,8 +266,59 @@ class RandomScaleJitter(T.Augmentation):
         return ScaleTransform(h, w, max(int(h * s + 0.5), 1), max(int(w * s + 0.5), 1), "bilinear")
 
 
+def _clip_polygon(poly: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    """The part of a polygon (N x 2) inside the box, by Sutherland-Hodgman: one pass per side.
+    Exact in area for any simple polygon (a concave one may keep zero-width seams along the box
+    edge, which rasterize to nothing)."""
+    for axis, bound, keep_above in ((0, x0, True), (0, x1, False), (1, y0, True), (1, y1, False)):
+        if len(poly) == 0:
+            break
+        inside = poly[:, axis] >= bound if keep_above else poly[:, axis] <= bound
+        out = []
+        for i in range(len(poly)):
+            a, b = poly[i - 1], poly[i]
+            ina, inb = inside[i - 1], inside[i]
+            if ina != inb:  # the edge crosses the side: keep the crossing point
+                t = (bound - a[axis]) / (b[axis] - a[axis])
+                out.append(a + t * (b - a))
+            if inb:
+                out.append(b)
+        poly = np.asarray(out, dtype=np.float64).reshape(-1, 2)
+    return poly
+
+
+class ClipCropTransform(CropTransform):
+    """fvcore's crop with polygons clipped to the window in numpy: fvcore's own clipping needs
+    shapely, which nothing else here does. A polygon left with no area is dropped, so a vertebra
+    cropped away loses its mask and the mapper drops the instance (and its level)."""
+
+    def apply_polygons(self, polygons: list) -> list:
+        x1, y1 = self.x0 + self.w, self.y0 + self.h
+        out = []
+        for p in polygons:
+            q = _clip_polygon(
+                np.asarray(p, dtype=np.float64).reshape(-1, 2), self.x0, self.y0, x1, y1
+            )
+            if len(q) >= 3:
+                area = 0.5 * abs(
+                    np.dot(q[:, 0], np.roll(q[:, 1], 1)) - np.dot(q[:, 1], np.roll(q[:, 0], 1))
+                )
+                if area > 1e-6:
+                    out.append(self.apply_coords(q))
+        return out
+
+
+class RandomClipCrop(T.RandomCrop):
+    """detectron2's RandomCrop (INPUT.CROP.TYPE / SIZE) returning a :class:`ClipCropTransform`."""
+
+    def get_transform(self, image):
+        t = super().get_transform(image)
+        return ClipCropTransform(t.x0, t.y0, t.w, t.h)
+
+
 def build_xray_augmentations(cfg, is_train: bool) -> list:
-    """Train: resize, geometric, then photometric augmentations enabled under INPUT.XRAY.
+    """Train: detectron2's INPUT.CROP when enabled, resize, geometric, then photometric
+    augmentations enabled under INPUT.XRAY.
     Test: resize only. With INPUT.XRAY.EQUALIZE, both apply a fixed CLAHE right after the resize.
 
     Photometric order follows acquisition then display: blur (detector), dose (noise), then
@@ -281,7 +334,16 @@ def build_xray_augmentations(cfg, is_train: bool) -> list:
     if not is_train:
         resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
         return [resize, *equalize]
+    # detectron2's INPUT.CROP, first as in its DatasetMapper: on the scan as read, so that the
+    # resize sets the scale of what is left. "relative_range" with SIZE [h, 1.0] cuts tall films
+    # at random heights only: the end vertebrae meet the border, or leave the film.
+    crop = (
+        [RandomClipCrop(cfg.INPUT.CROP.TYPE, tuple(cfg.INPUT.CROP.SIZE))]
+        if cfg.INPUT.CROP.ENABLED
+        else []
+    )
     augs = [
+        *crop,
         T.ResizeShortestEdge(
             cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
         ),

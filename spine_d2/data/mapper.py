@@ -102,8 +102,12 @@ class XrayDatasetMapper:
             annos, image_shape, mask_format=self.instance_mask_format
         )
         if self.recompute_boxes and instances.has("gt_masks"):
-            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
-            instances.gt_boxes.clip(image_shape)  # polygons may reach past the border
+            boxes = instances.gt_masks.get_bounding_boxes()
+            # a mask cropped away has no polygon left: its box is (inf, inf, 0, 0); make it
+            # empty so that filter_empty_instances drops the instance
+            boxes.tensor[~torch.isfinite(boxes.tensor).all(dim=1)] = 0.0
+            boxes.clip(image_shape)  # polygons may reach past the border
+            instances.gt_boxes = boxes
         instances, keep = utils.filter_empty_instances(instances, return_mask=True)
         levels = [anno.get("level") for anno in annos]
         kept_levels = [lv for lv, k in zip(levels, keep.tolist()) if k]

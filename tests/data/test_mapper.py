@@ -191,3 +191,50 @@ def test_unreadable_scan_raises_project_error(record, tmp_path):
 def test_bad_channels_rejected():
     with pytest.raises(ValueError, match="CHANNELS"):
         XrayDatasetMapper(_cfg(channels=2), is_train=True)
+
+
+def test_crop_clips_masks_recomputes_boxes_and_drops_vertebrae_cut_away(record):
+    from spine_d2.data.augment import ClipCropTransform
+
+    # rows 50..128 of the scan: RECT (rows 30-100) is cut to rows 50-100, the no-level box
+    # (rows 5-20) leaves the film with nothing of it left
+    out = _mapper([ClipCropTransform(0, 50, W, H - 50)])(record)
+    inst = out["instances"]
+    assert out["gt_levels"] == ["T12"] and inst.image_size == (H - 50, W)
+    np.testing.assert_allclose(inst.gt_boxes.tensor[0].numpy(), [40, 0, 90, 50])
+    assert inst.gt_masks.area()[0].item() == pytest.approx(50 * 50)
+    assert out["image"].shape[1:] == (H - 50, W)
+
+
+def test_polygon_clipping_keeps_the_exact_area_of_a_concave_polygon():
+    from spine_d2.data.augment import ClipCropTransform
+
+    # an L shape: 0..10 x 0..4 plus 0..4 x 4..10 (area 64); the window x >= 2, y >= 2
+    ell = np.array([[0, 0], [10, 0], [10, 4], [4, 4], [4, 10], [0, 10]], dtype=np.float64)
+    (clipped,) = ClipCropTransform(2, 2, 20, 20).apply_polygons([ell])
+    x, y = clipped[:, 0], clipped[:, 1]
+    area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+    assert area == pytest.approx(8 * 2 + 2 * 6)  # (2..10 x 2..4) + (2..4 x 4..10), shifted
+    assert x.min() == 0 and y.min() == 0  # in the crop's frame
+    assert ClipCropTransform(50, 50, 10, 10).apply_polygons([ell]) == []
+
+
+def test_input_crop_from_config_cuts_heights_only_with_relative_range(record):
+    from spine_d2.data.augment import ClipCropTransform, build_xray_augmentations
+
+    cfg = _cfg()
+    assert not any(isinstance(a, T.RandomCrop) for a in build_xray_augmentations(cfg, True))
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "relative_range"
+    cfg.INPUT.CROP.SIZE = [0.5, 1.0]
+    augs = build_xray_augmentations(cfg, True)
+    assert isinstance(augs[0], T.RandomCrop)  # first, on the scan as read
+    assert not any(isinstance(a, T.RandomCrop) for a in build_xray_augmentations(cfg, False))
+    np.random.seed(0)
+    heights = set()
+    for _ in range(20):
+        t = augs[0].get_transform(np.zeros((200, 80), np.float32))
+        assert isinstance(t, ClipCropTransform) and t.w == 80 and t.x0 == 0
+        assert 100 <= t.h <= 200 and 0 <= t.y0 <= 200 - t.h
+        heights.add(t.h)
+    assert len(heights) > 5
