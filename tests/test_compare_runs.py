@@ -108,3 +108,19 @@ def test_paired_asks_to_evaluate_again_for_results_without_per_image_counts(tmp_
         r.returncode != 0 and "evaluate again" in r.stderr and "vertebra_results.json" in r.stderr
     )
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_paired_names_the_missing_or_ambiguous_results(tmp_path):
+    a = _run_dir(tmp_path, "a", 80.0, 0.9, [(600, "0:15:00", "1.5")])
+    b = _run_dir(tmp_path, "b", 81.0, 0.95, [(600, "0:15:00", "1.5")])
+    _vertebra_results(a, [8, 9])
+    cmd = [sys.executable, str(ROOT / "tools/compare_runs.py"), f"A={a}", f"B={b}", "--paired"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode != 0 and "no */vertebra_results.json for --paired" in r.stderr
+    _vertebra_results(b, [8, 9], dataset="one")
+    _vertebra_results(b, [8, 9], dataset="two")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode != 0 and "results of one, two: name one with --dataset" in r.stderr
+    _vertebra_results(a, [8, 9], dataset="two")
+    r = subprocess.run(cmd + ["--dataset", "two"], capture_output=True, text=True, check=True)
+    assert "| B | +0.000 (+0.000, +0.000)" in r.stdout

@@ -61,11 +61,13 @@ def per_image_counts(out_dir, dataset: str = "") -> tuple:
     inference = Path(out_dir) / "inference"
     found = sorted(inference.glob(f"{dataset or '*'}/vertebra_results.json"))
     if len(found) != 1:
-        what = "none" if not found else ", ".join(p.parent.name for p in found)
-        raise SystemExit(
-            f"error: {inference}: {what} for --paired "
-            f"({'evaluate the run first' if not found else 'name one with --dataset'})"
-        )
+        if not found:
+            raise SystemExit(
+                f"error: {inference}: no {dataset or '*'}/vertebra_results.json for --paired "
+                "(evaluate the run with an output dir first)"
+            )
+        names = ", ".join(p.parent.name for p in found)
+        raise SystemExit(f"error: {inference}: results of {names}: name one with --dataset")
     try:
         payload = load_vertebra_results(found[0])
         return [im["image_id"] for im in payload["per_image"]], image_counts(payload["per_image"])
