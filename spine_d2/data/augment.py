@@ -16,6 +16,8 @@ import numpy as np
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import CropTransform, ScaleTransform
 
+from .datasets import polygon_area
+
 __all__ = [
     "LowDoseNoiseTransform",
     "CLAHETransform",
@@ -299,12 +301,8 @@ class ClipCropTransform(CropTransform):
             q = _clip_polygon(
                 np.asarray(p, dtype=np.float64).reshape(-1, 2), self.x0, self.y0, x1, y1
             )
-            if len(q) >= 3:
-                area = 0.5 * abs(
-                    np.dot(q[:, 0], np.roll(q[:, 1], 1)) - np.dot(q[:, 1], np.roll(q[:, 0], 1))
-                )
-                if area > 1e-6:
-                    out.append(self.apply_coords(q))
+            if len(q) >= 3 and polygon_area(q[:, 0], q[:, 1]) > 1e-6:
+                out.append(self.apply_coords(q))
         return out
 
 

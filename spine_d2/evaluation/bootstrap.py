@@ -85,13 +85,16 @@ def paired_difference(
     n = len(next(iter(counts_a.values())))
     if n != len(next(iter(counts_b.values()))):
         raise ValueError("paired_difference needs the same images in both evaluations")
+    names = [
+        m for m, (_, den) in RATIOS.items() if counts_a[den].sum() > 0 and counts_b[den].sum() > 0
+    ]
+    # one set of resamples for every metric: the same draws, drawn once
+    arrays = [c[f] for m in names for c in (counts_a, counts_b) for f in RATIOS[m]]
+    sums = iter(_resample_sums(arrays, n_boot, seed)) if names else iter(())
     out = {}
-    for m, (num, den) in RATIOS.items():
-        if counts_a[den].sum() <= 0 or counts_b[den].sum() <= 0:
-            continue
-        na, da, nb, db = _resample_sums(
-            [counts_a[num], counts_a[den], counts_b[num], counts_b[den]], n_boot, seed
-        )
+    for m in names:
+        num, den = RATIOS[m]
+        na, da, nb, db = (next(sums) for _ in range(4))
         with np.errstate(divide="ignore", invalid="ignore"):
             diff = nb / db - na / da
         ok = np.isfinite(diff)

@@ -301,10 +301,11 @@ class VertebraEvaluator(DatasetEvaluator):
         """95 % intervals by resampling images; {} when off or without images."""
         if not self._bootstrap or not per_image:
             return {}
-        found = ratio_intervals(image_counts(per_image), n_boot=self._bootstrap)
+        confidence = 0.95
+        found = ratio_intervals(image_counts(per_image), self._bootstrap, confidence)
         if not found:
             return {}
-        return {"confidence": 0.95, "resamples": self._bootstrap, "unit": "image", **found}
+        return {"confidence": confidence, "resamples": self._bootstrap, "unit": "image", **found}
 
     def _log(self, results, intervals=None):
         summary = {k: results[k] for k in _SUMMARY_KEYS if k in results}
