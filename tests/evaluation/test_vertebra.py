@@ -314,3 +314,9 @@ def test_saved_per_image_counts_rebuild_the_metrics_and_intervals_bracket_them(t
     with registered(two_images()) as name:
         run(VertebraEvaluator(name, output_dir=str(tmp_path), bootstrap=0), [0, 1], [out0, out1])
     assert json.loads((tmp_path / "vertebra_results.json").read_text())["intervals"] == {}
+
+
+def test_negative_bootstrap_count_is_refused():
+    with registered(two_images()) as name:
+        with pytest.raises(ValueError, match="bootstrap must be >= 0"):
+            VertebraEvaluator(name, bootstrap=-1)
