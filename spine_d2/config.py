@@ -99,6 +99,10 @@ def add_spine_config(cfg):
     # logits, through zero-initialised layers; 0 = off (3.0 in a 1200-iteration AASCE fine-tune
     # found T1 and L5 no more often: README, The real-data default)
     _C.SPINE.LEVEL_HEAD.CONTEXT_SCALE = 0.0
+    # Loss weights by level, e.g. [["T1", 2.0], ["L5", 3.0]]: foreground proposals matched to a
+    # vertebra of a listed level weigh this much in the box classification, box regression and
+    # mask losses (the end vertebrae of a film are the ones found least often); [] = off
+    _C.SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS = []
     # Chain rescue (modeling/rescue.py): on films that show EXPECTED vertebrae (17 on full-spine
     # AP films, T1..L5), detections scored MIN_SCORE..SCORE_THRESH that fill a gap of the chain
     # or extend one of its ends are accepted with the confident ones (``pred_rescued``; the

@@ -26,13 +26,43 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
+from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Boxes, Instances
+from fvcore.nn import smooth_l1_loss
 from torch import nn
 
 from .levels import LevelPrior, decode_levels
 from .rescue import rescue_chain
 
-__all__ = ["LevelROIHeads"]
+__all__ = ["LevelROIHeads", "weighted_mask_loss"]
+
+
+def weighted_mask_loss(
+    logits: torch.Tensor, instances: List[Instances], weights: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """detectron2's mask_rcnn_loss (per-pixel BCE against the GT mask cropped to each proposal)
+    with each proposal's mean BCE times its weight, averaged over proposals: weights of 1 (or
+    None) give the same value. Unlike mask_rcnn_loss it logs no mask accuracy."""
+    side = logits.size(2)
+    gt_masks = [
+        x.gt_masks.crop_and_resize(x.proposal_boxes.tensor, side).to(logits.device)
+        for x in instances
+        if len(x)
+    ]
+    if not gt_masks:
+        return logits.sum() * 0
+    gt_masks = torch.cat(gt_masks).float()
+    if logits.size(1) == 1:
+        logits = logits[:, 0]
+    else:
+        gt_classes = torch.cat([x.gt_classes for x in instances if len(x)]).long()
+        logits = logits[torch.arange(len(logits), device=logits.device), gt_classes]
+    per_mask = F.binary_cross_entropy_with_logits(logits.float(), gt_masks, reduction="none")
+    per_mask = per_mask.flatten(1).mean(1)
+    if weights is not None:
+        per_mask = per_mask * weights
+    return per_mask.mean()
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -55,6 +85,7 @@ class LevelROIHeads(StandardROIHeads):
         rescue_min_score: float = 0.2,
         rescue_gap_factor: float = 1.6,
         rescue_max_overlap: float = 0.3,
+        instance_weights: Sequence = (),
         **kwargs,
     ):
         """
@@ -74,6 +105,9 @@ class LevelROIHeads(StandardROIHeads):
                 ``rescue_min_score`` .. ``level_score_thresh`` that complete a chain of fewer than
                 ``rescue_expected`` confident ones join the decoding and are flagged in
                 ``pred_rescued``; ``rescue_expected`` 0 = off.
+            instance_weights: (level name, weight) pairs: foreground proposals matched to a
+                vertebra of that level weigh this much in the box classification, box regression
+                and mask losses (1 for the others); empty = detectron2's losses unchanged.
             kwargs: StandardROIHeads' arguments.
         """
         super().__init__(**kwargs)
@@ -111,6 +145,14 @@ class LevelROIHeads(StandardROIHeads):
         self.rescue_min_score = float(rescue_min_score)
         self.rescue_gap_factor = float(rescue_gap_factor)
         self.rescue_max_overlap = float(rescue_max_overlap)
+        self.level_weights = self._parse_instance_weights(instance_weights, level_names, num_levels)
+        if self.level_weights is not None:
+            loss_type = getattr(self.box_predictor, "box_reg_loss_type", "smooth_l1")
+            if loss_type != "smooth_l1":
+                raise ValueError(
+                    "SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS needs MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE "
+                    f"smooth_l1, not {loss_type}"
+                )
         if self.context_scale:
             dim = self.box_head.output_shape.channels
             self.context_cls = nn.Linear(dim, self.num_classes + 1)
@@ -138,8 +180,32 @@ class LevelROIHeads(StandardROIHeads):
             rescue_min_score=head.RESCUE.MIN_SCORE,
             rescue_gap_factor=head.RESCUE.GAP_FACTOR,
             rescue_max_overlap=head.RESCUE.MAX_OVERLAP,
+            instance_weights=[tuple(pair) for pair in head.INSTANCE_WEIGHTS],
         )
         return ret
+
+    @staticmethod
+    def _parse_instance_weights(pairs, level_names, num_levels) -> Optional[torch.Tensor]:
+        """A weight per level index from (name, weight) pairs; None when there are none."""
+        if not pairs:
+            return None
+        names = list(level_names)
+        if len(names) != num_levels:
+            raise ValueError("SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS needs one name per level")
+        weights = torch.ones(num_levels)
+        for pair in pairs:
+            if len(pair) != 2 or pair[0] not in names:
+                raise ValueError(
+                    "SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS: each entry is [level, weight] with a level "
+                    f"of SPINE.LEVELS, not {list(pair)}"
+                )
+            if not float(pair[1]) > 0:
+                raise ValueError(
+                    f"SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS: weight of {pair[0]} must be > 0, "
+                    f"not {pair[1]}"
+                )
+            weights[names.index(pair[0])] = float(pair[1])
+        return weights
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
         features = [features[f] for f in self.box_in_features]
@@ -156,7 +222,11 @@ class LevelROIHeads(StandardROIHeads):
             level_logits = level_logits + self.context_level(context).float()
             del context
         if self.training:
-            losses = self.box_predictor.losses(predictions, proposals)
+            weights = self._proposal_weights(proposals)
+            if weights is None:
+                losses = self.box_predictor.losses(predictions, proposals)
+            else:
+                losses = self._weighted_box_losses(predictions, proposals, weights)
             losses["loss_level"] = self.level_loss_weight * self._level_loss(
                 level_logits, proposals
             )
@@ -166,6 +236,61 @@ class LevelROIHeads(StandardROIHeads):
         for inst, idx, logits in zip(pred_instances, kept, per_image):
             self._label_levels(inst, logits[idx])
         return pred_instances
+
+    def _proposal_weights(self, proposals: List[Instances]) -> Optional[torch.Tensor]:
+        """Per-proposal loss weight (SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS): the level's weight for
+        foreground proposals with a known level, 1 for the rest; None when weighting is off."""
+        if self.level_weights is None or not proposals or not proposals[0].has("gt_level_ids"):
+            return None
+        gt_classes = torch.cat([p.gt_classes for p in proposals])
+        gt_levels = torch.cat([p.gt_level_ids for p in proposals])
+        weights = torch.ones(len(gt_classes), device=gt_classes.device)
+        fg = (gt_classes >= 0) & (gt_classes < self.num_classes) & (gt_levels >= 0)
+        weights[fg] = self.level_weights.to(weights.device)[gt_levels[fg]]
+        return weights
+
+    def _weighted_box_losses(self, predictions, proposals, weights) -> Dict[str, torch.Tensor]:
+        """detectron2's FastRCNNOutputLayers.losses (smooth L1) with a weight per proposal, the
+        same normalisation (by all sampled proposals), so weights of 1 give the same losses."""
+        scores, deltas = predictions
+        predictor = self.box_predictor
+        gt_classes = torch.cat([p.gt_classes for p in proposals])
+        _log_classification_stats(scores, gt_classes)
+        loss_cls = (F.cross_entropy(scores.float(), gt_classes, reduction="none") * weights).mean()
+        fg = ((gt_classes >= 0) & (gt_classes < self.num_classes)).nonzero().flatten()
+        proposal_boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])[fg]
+        # proposals of an image without vertebrae are all background: any box fills the slot
+        gt_boxes = torch.cat(
+            [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals]
+        )[fg]
+        box_dim = proposal_boxes.shape[1]
+        if deltas.shape[1] == box_dim:  # class-agnostic regression
+            fg_deltas = deltas[fg]
+        else:
+            fg_deltas = deltas.view(-1, self.num_classes, box_dim)[fg, gt_classes[fg]]
+        targets = predictor.box2box_transform.get_deltas(proposal_boxes, gt_boxes)
+        per_box = smooth_l1_loss(
+            fg_deltas.float(), targets, predictor.smooth_l1_beta, reduction="none"
+        ).sum(1)
+        loss_box_reg = (per_box * weights[fg]).sum() / max(gt_classes.numel(), 1.0)
+        losses = {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg}
+        return {k: v * predictor.loss_weight.get(k, 1.0) for k, v in losses.items()}
+
+    def _forward_mask(self, features: Dict[str, torch.Tensor], instances: List[Instances]):
+        """StandardROIHeads' mask branch; in training with SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS the
+        mask loss of each foreground proposal is weighted by its level."""
+        if not (self.training and self.mask_on and self.level_weights is not None):
+            return super()._forward_mask(features, instances)
+        instances, _ = select_foreground_proposals(instances, self.num_classes)
+        if self.mask_pooler is not None:
+            pooled = [features[f] for f in self.mask_in_features]
+            features = self.mask_pooler(pooled, [x.proposal_boxes for x in instances])
+        else:
+            features = {f: features[f] for f in self.mask_in_features}
+        logits = self.mask_head.layers(features)
+        weights = self._proposal_weights(instances)
+        loss = weighted_mask_loss(logits, instances, weights)
+        return {"loss_mask": loss * self.mask_head.loss_weight}
 
     def _context_boxes(self, proposals: Instances) -> Boxes:
         """The proposal boxes enlarged ``context_scale`` times about their centres, clipped."""

@@ -343,3 +343,48 @@ def test_fit_level_prior_tool_writes_a_loadable_prior(synthetic_train, tmp_path,
     assert module.main(["--dataset", "no_such_split", "--out", str(tmp_path / "x.json")]) == 1
     assert "no_such_split: not a registered dataset" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_instance_weights_scale_the_losses_of_their_levels_only(level_model, synthetic_train):
+    from detectron2.data import DatasetCatalog
+
+    cfg, model = level_model
+    batch = [
+        XrayDatasetMapper(cfg, is_train=True)(r) for r in DatasetCatalog.get(synthetic_train)[:2]
+    ]
+    assert all((b["instances"].gt_level_ids >= 0).all() for b in batch)
+
+    def losses(weight_pairs):
+        c = cfg.clone()
+        c.defrost()
+        c.SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS = weight_pairs
+        m = build_model(c)
+        m.load_state_dict(model.state_dict())
+        m.train()
+        torch.manual_seed(0)  # the same sampled proposals in every run
+        with EventStorage():
+            out = m(batch)
+        return {k: v.item() for k, v in out.items()}
+
+    plain = losses([])
+    # weights of 1 reproduce detectron2's own losses (the unweighted code path)
+    ones = losses([[lv, 1.0] for lv in cfg.SPINE.LEVELS])
+    for k in ("loss_cls", "loss_box_reg", "loss_mask"):
+        assert ones[k] == pytest.approx(plain[k], rel=1e-5), k
+    # every level at 2.5: box regression and masks (foreground only) scale exactly, the
+    # classification loss only in its foreground part
+    all_up = losses([[lv, 2.5] for lv in cfg.SPINE.LEVELS])
+    assert all_up["loss_box_reg"] == pytest.approx(2.5 * plain["loss_box_reg"], rel=1e-5)
+    assert all_up["loss_mask"] == pytest.approx(2.5 * plain["loss_mask"], rel=1e-5)
+    assert plain["loss_cls"] < all_up["loss_cls"] < 2.5 * plain["loss_cls"]
+    # a level absent from the batch changes nothing
+    present = {cfg.SPINE.LEVELS[i] for b in batch for i in b["instances"].gt_level_ids.tolist()}
+    absent = next(lv for lv in cfg.SPINE.LEVELS if lv not in present)
+    assert losses([[absent, 5.0]])["loss_mask"] == pytest.approx(plain["loss_mask"], rel=1e-5)
+
+    for bad, msg in (([["X9", 2.0]], "level of SPINE.LEVELS"), ([["L5", 0.0]], "must be > 0")):
+        c = cfg.clone()
+        c.defrost()
+        c.SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS = bad
+        with pytest.raises(ValueError, match=msg):
+            build_model(c)
