@@ -50,6 +50,16 @@ def test_table_sums_resumed_segments(tmp_path):
     assert table[2].startswith("| A | 1200 | 31.0 | 1.55 | 40.0 | 80.0 | 0.900 |")
     assert table[3].startswith("| B | 1200 | 10.0 | 0.50 |")
 
+    # an --eval-only dir (no training segments in its log) leaves the time columns empty
+    c = _run_dir(tmp_path, "c", 60.0, 0.8, [])
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools/compare_runs.py"), f"C={c}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert r.stdout.splitlines()[2].startswith("| C | - | - | - | 30.0 | 60.0 | 0.800 |")
+
 
 def test_missing_results_is_one_line_error(tmp_path):
     r = subprocess.run(

@@ -114,9 +114,12 @@ def main(argv=None):
     print("|---" * (head.count("|") - 1) + "|")
     for r in rows:
         lv = r["level_accuracy"]
+        # an --eval-only output dir has no training log: its time columns stay empty
+        minutes = f"{r['train_min']:.1f}" if "train_min" in r else "-"
+        per_it = f"{r['s_per_it']:.2f}" if "s_per_it" in r else "-"
         print(
-            f"| {r['run']} | {r.get('iterations', '-')} | {r.get('train_min', float('nan')):.1f} "
-            f"| {r.get('s_per_it', float('nan')):.2f} | {r['segm_AP']:.1f} | {r['segm_AP50']:.1f} "
+            f"| {r['run']} | {r.get('iterations', '-')} | {minutes} "
+            f"| {per_it} | {r['segm_AP']:.1f} | {r['segm_AP50']:.1f} "
             f"| {r['recall']:.3f} | {r['precision']:.3f} | {r['dice']:.3f} "
             f"| {'-' if lv is None else f'{lv:.3f}'} |"
         )
