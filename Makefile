@@ -42,8 +42,9 @@ data-small: $(VENV)/.installed  ## the small preset (make demo) under $DETECTRON
 AASCE_SRC ?= ../shared/data/aasce
 # The default for real data: the shipped DRR checkpoint fine-tuned on the films (the study's
 # arm c'''), then cosine cycles of 3600 iterations, each from the last one's final model
-# (README, "The real-data default"). Each stage resumes where it stopped.
-AASCE_STAGES ?= 1 2 3 4
+# (README, "The real-data default"); stage 5 weighs T1 and L5 up in the losses (README, Results).
+# Each stage resumes where it stopped.
+AASCE_STAGES ?= 1 2 3 4 5
 AASCE_CHAIN = $(foreach s,$(AASCE_STAGES),configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage$(s)_cpu.yaml)
 AASCE_CONFIG = $(lastword $(AASCE_CHAIN))
 AASCE_DIR = $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(AASCE_CONFIG) | tail -1)
@@ -53,7 +54,7 @@ data-aasce: $(VENV)/.installed  ## convert AASCE_SRC to COCO under $DETECTRON2_D
 level-prior-aasce: $(VENV)/.installed  ## refit the level decoder's framing prior on spine_aasce_train (the committed configs/aasce/level_prior_aasce_train.json)
 	$(PY) tools/fit_level_prior.py --dataset spine_aasce_train --out configs/aasce/level_prior_aasce_train.json
 
-train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~4.5-6 h)
+train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~5-7 h)
 	@test -f $(DETECTRON2_DATASETS)/spine_aasce/train.json || { echo "The AASCE dataset is missing: run 'make data-aasce' first."; exit 1; }
 	@for cfg in $(AASCE_CHAIN); do \
 	  echo "== $$cfg"; $(PY) tools/train_net.py --config-file $$cfg --resume || exit 1; done
