@@ -199,12 +199,16 @@ class LevelROIHeads(StandardROIHeads):
                     "SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS: each entry is [level, weight] with a level "
                     f"of SPINE.LEVELS, not {list(pair)}"
                 )
-            if not float(pair[1]) > 0:
+            try:
+                weight = float(pair[1])
+            except (TypeError, ValueError):
+                weight = float("nan")
+            if not weight > 0:
                 raise ValueError(
                     f"SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS: weight of {pair[0]} must be > 0, "
                     f"not {pair[1]}"
                 )
-            weights[names.index(pair[0])] = float(pair[1])
+            weights[names.index(pair[0])] = weight
         return weights
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
@@ -240,13 +244,12 @@ class LevelROIHeads(StandardROIHeads):
     def _proposal_weights(self, proposals: List[Instances]) -> Optional[torch.Tensor]:
         """Per-proposal loss weight (SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS): the level's weight for
         foreground proposals with a known level, 1 for the rest; None when weighting is off."""
-        if self.level_weights is None or not proposals or not proposals[0].has("gt_level_ids"):
+        targets = None if self.level_weights is None else self._level_targets(proposals)
+        if targets is None:
             return None
-        gt_classes = torch.cat([p.gt_classes for p in proposals])
-        gt_levels = torch.cat([p.gt_level_ids for p in proposals])
-        weights = torch.ones(len(gt_classes), device=gt_classes.device)
-        fg = (gt_classes >= 0) & (gt_classes < self.num_classes) & (gt_levels >= 0)
-        weights[fg] = self.level_weights.to(weights.device)[gt_levels[fg]]
+        gt_levels, known = targets
+        weights = torch.ones(len(gt_levels), device=gt_levels.device)
+        weights[known] = self.level_weights.to(weights.device)[gt_levels[known]]
         return weights
 
     def _weighted_box_losses(self, predictions, proposals, weights) -> Dict[str, torch.Tensor]:
@@ -301,15 +304,22 @@ class LevelROIHeads(StandardROIHeads):
         enlarged.clip(proposals.image_size)
         return enlarged
 
-    def _level_loss(self, logits: torch.Tensor, proposals: List[Instances]) -> torch.Tensor:
-        """Cross-entropy over foreground proposals whose matched vertebra has a known level."""
+    def _level_targets(self, proposals: List[Instances]):
+        """(level ids, mask of foreground proposals whose vertebra has a known level), one entry
+        per proposal; None when the proposals carry no levels."""
         if not proposals or not proposals[0].has("gt_level_ids"):
-            return logits.sum() * 0.0
+            return None
         gt_classes = torch.cat([p.gt_classes for p in proposals])
         gt_levels = torch.cat([p.gt_level_ids for p in proposals])
         valid = (gt_classes >= 0) & (gt_classes < self.num_classes) & (gt_levels >= 0)
-        if not valid.any():
+        return gt_levels, valid
+
+    def _level_loss(self, logits: torch.Tensor, proposals: List[Instances]) -> torch.Tensor:
+        """Cross-entropy over foreground proposals whose matched vertebra has a known level."""
+        targets = self._level_targets(proposals)
+        if targets is None or not targets[1].any():
             return logits.sum() * 0.0
+        gt_levels, valid = targets
         return F.cross_entropy(logits[valid], gt_levels[valid])
 
     @property

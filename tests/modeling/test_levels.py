@@ -382,9 +382,19 @@ def test_instance_weights_scale_the_losses_of_their_levels_only(level_model, syn
     absent = next(lv for lv in cfg.SPINE.LEVELS if lv not in present)
     assert losses([[absent, 5.0]])["loss_mask"] == pytest.approx(plain["loss_mask"], rel=1e-5)
 
-    for bad, msg in (([["X9", 2.0]], "level of SPINE.LEVELS"), ([["L5", 0.0]], "must be > 0")):
+    for bad, msg in (
+        ([["X9", 2.0]], "level of SPINE.LEVELS"),
+        ([["L5", 0.0]], "must be > 0"),
+        ([["L5", "heavy"]], "weight of L5 must be > 0, not heavy"),
+    ):
         c = cfg.clone()
         c.defrost()
         c.SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS = bad
         with pytest.raises(ValueError, match=msg):
             build_model(c)
+    c = cfg.clone()
+    c.defrost()
+    c.SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS = [["L5", 2.0]]
+    c.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE = "giou"
+    with pytest.raises(ValueError, match="needs MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE smooth_l1"):
+        build_model(c)
