@@ -103,6 +103,10 @@ def add_spine_config(cfg):
     # vertebra of a listed level weigh this much in the box classification, box regression and
     # mask losses (the end vertebrae of a film are the ones found least often); [] = off
     _C.SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS = []
+    # The same for vertebrae cut by the scan's border (``truncated`` in the annotations, or a
+    # mask touching the augmented scan's border): a fragment weighs this much (times its
+    # level's weight). The built-in DRR checkpoint misses fragments, not whole vertebrae. 1 = off
+    _C.SPINE.LEVEL_HEAD.TRUNCATED_WEIGHT = 1.0
     # Chain rescue (modeling/rescue.py): on films that show EXPECTED vertebrae (17 on full-spine
     # AP films, T1..L5), detections scored MIN_SCORE..SCORE_THRESH that fill a gap of the chain
     # or extend one of its ends are accepted with the confident ones (``pred_rescued``; the

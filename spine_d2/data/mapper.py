@@ -9,7 +9,11 @@ Differences from detectron2's DatasetMapper, and why:
 - ``gt_levels``: the ``level`` of each kept instance (e.g. "T12", None when unknown), aligned
   with ``instances``; strings cannot live in ``Instances``, so they sit beside it, and
   ``instances.gt_level_ids`` holds their indices into ``levels`` (SPINE.LEVELS; -1 unknown)
-  for a level head.
+  for a level head;
+- ``instances.gt_truncated``: True for a vertebra cut by the border, by its annotation's
+  ``truncated`` flag (the DRRs also flag C6 and L3, which the CT cuts) or because its
+  augmented mask touches the border of the augmented scan (a crop or rotation cut it), so
+  SPINE.LEVEL_HEAD.TRUNCATED_WEIGHT weighs the fragments the scan really shows cut.
 """
 
 from __future__ import annotations
@@ -28,6 +32,19 @@ from .augment import build_xray_augmentations
 from .io import read_scan
 
 __all__ = ["XrayDatasetMapper"]
+
+
+def _touches_border(boxes: torch.Tensor, image_shape, margin: float = 1.0) -> torch.Tensor:
+    """True for boxes within ``margin`` px of the image border (the vertebra is cut there)."""
+    h, w = image_shape
+    if not len(boxes):
+        return torch.zeros(0, dtype=torch.bool)
+    return (
+        (boxes[:, 0] <= margin)
+        | (boxes[:, 1] <= margin)
+        | (boxes[:, 2] >= w - margin)
+        | (boxes[:, 3] >= h - margin)
+    )
 
 
 class XrayDatasetMapper:
@@ -113,6 +130,10 @@ class XrayDatasetMapper:
         kept_levels = [lv for lv, k in zip(levels, keep.tolist()) if k]
         instances.gt_level_ids = torch.tensor(
             [self.level_index.get(lv, -1) for lv in kept_levels], dtype=torch.int64
+        )
+        flagged = [bool(a.get("truncated")) for a, k in zip(annos, keep.tolist()) if k]
+        instances.gt_truncated = torch.tensor(flagged, dtype=torch.bool) | _touches_border(
+            instances.gt_boxes.tensor, image_shape
         )
         dataset_dict["instances"] = instances
         dataset_dict["gt_levels"] = kept_levels

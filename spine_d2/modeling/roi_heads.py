@@ -65,6 +65,15 @@ def weighted_mask_loss(
     return per_mask.mean()
 
 
+def _field(proposals: Instances, name: str, fill) -> torch.Tensor:
+    """A gt field of sampled proposals; ``fill`` for an image without vertebrae, whose
+    proposals detectron2 leaves without gt fields (all background)."""
+    if proposals.has(name):
+        return getattr(proposals, name)
+    dtype = torch.bool if isinstance(fill, bool) else torch.int64
+    return torch.full((len(proposals),), fill, dtype=dtype, device=proposals.gt_classes.device)
+
+
 @ROI_HEADS_REGISTRY.register()
 class LevelROIHeads(StandardROIHeads):
     @configurable
@@ -86,6 +95,7 @@ class LevelROIHeads(StandardROIHeads):
         rescue_gap_factor: float = 1.6,
         rescue_max_overlap: float = 0.3,
         instance_weights: Sequence = (),
+        truncated_weight: float = 1.0,
         **kwargs,
     ):
         """
@@ -108,6 +118,8 @@ class LevelROIHeads(StandardROIHeads):
             instance_weights: (level name, weight) pairs: foreground proposals matched to a
                 vertebra of that level weigh this much in the box classification, box regression
                 and mask losses (1 for the others); empty = detectron2's losses unchanged.
+            truncated_weight: the same for proposals matched to a vertebra cut by the border
+                (``gt_truncated``), times its level's weight; 1 = unchanged.
             kwargs: StandardROIHeads' arguments.
         """
         super().__init__(**kwargs)
@@ -146,11 +158,20 @@ class LevelROIHeads(StandardROIHeads):
         self.rescue_gap_factor = float(rescue_gap_factor)
         self.rescue_max_overlap = float(rescue_max_overlap)
         self.level_weights = self._parse_instance_weights(instance_weights, level_names, num_levels)
-        if self.level_weights is not None:
+        try:
+            self.truncated_weight = float(truncated_weight)
+        except (TypeError, ValueError):
+            self.truncated_weight = float("nan")
+        if not self.truncated_weight > 0:
+            raise ValueError(
+                f"SPINE.LEVEL_HEAD.TRUNCATED_WEIGHT must be > 0, not {truncated_weight}"
+            )
+        if self._weighted:
             loss_type = getattr(self.box_predictor, "box_reg_loss_type", "smooth_l1")
             if loss_type != "smooth_l1":
                 raise ValueError(
-                    "SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS needs MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE "
+                    "SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS and TRUNCATED_WEIGHT need "
+                    "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE "
                     f"smooth_l1, not {loss_type}"
                 )
         if self.context_scale:
@@ -181,6 +202,7 @@ class LevelROIHeads(StandardROIHeads):
             rescue_gap_factor=head.RESCUE.GAP_FACTOR,
             rescue_max_overlap=head.RESCUE.MAX_OVERLAP,
             instance_weights=[tuple(pair) for pair in head.INSTANCE_WEIGHTS],
+            truncated_weight=head.TRUNCATED_WEIGHT,
         )
         return ret
 
@@ -241,15 +263,26 @@ class LevelROIHeads(StandardROIHeads):
             self._label_levels(inst, logits[idx])
         return pred_instances
 
+    @property
+    def _weighted(self) -> bool:
+        return self.level_weights is not None or self.truncated_weight != 1.0
+
     def _proposal_weights(self, proposals: List[Instances]) -> Optional[torch.Tensor]:
-        """Per-proposal loss weight (SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS): the level's weight for
-        foreground proposals with a known level, 1 for the rest; None when weighting is off."""
-        targets = None if self.level_weights is None else self._level_targets(proposals)
-        if targets is None:
+        """Per-proposal loss weight: the level's weight (SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS) for
+        foreground proposals with a known level, times TRUNCATED_WEIGHT for foreground proposals
+        of a truncated vertebra, 1 for the rest; None when weighting is off."""
+        if not self._weighted or not proposals:
             return None
-        gt_levels, known = targets
-        weights = torch.ones(len(gt_levels), device=gt_levels.device)
-        weights[known] = self.level_weights.to(weights.device)[gt_levels[known]]
+        gt_classes = torch.cat([p.gt_classes for p in proposals])
+        weights = torch.ones(len(gt_classes), device=gt_classes.device)
+        targets = None if self.level_weights is None else self._level_targets(proposals)
+        if targets is not None:
+            gt_levels, known = targets
+            weights[known] = self.level_weights.to(weights.device)[gt_levels[known]]
+        if self.truncated_weight != 1.0:
+            fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
+            cut = torch.cat([_field(p, "gt_truncated", False) for p in proposals])
+            weights[cut.to(weights.device) & fg] *= self.truncated_weight
         return weights
 
     def _weighted_box_losses(self, predictions, proposals, weights) -> Dict[str, torch.Tensor]:
@@ -281,8 +314,8 @@ class LevelROIHeads(StandardROIHeads):
 
     def _forward_mask(self, features: Dict[str, torch.Tensor], instances: List[Instances]):
         """StandardROIHeads' mask branch; in training with SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS the
-        mask loss of each foreground proposal is weighted by its level."""
-        if not (self.training and self.mask_on and self.level_weights is not None):
+        mask loss of each foreground proposal is weighted by its level (and TRUNCATED_WEIGHT)."""
+        if not (self.training and self.mask_on and self._weighted):
             return super()._forward_mask(features, instances)
         instances, _ = select_foreground_proposals(instances, self.num_classes)
         if self.mask_pooler is not None:
@@ -307,10 +340,10 @@ class LevelROIHeads(StandardROIHeads):
     def _level_targets(self, proposals: List[Instances]):
         """(level ids, mask of foreground proposals whose vertebra has a known level), one entry
         per proposal; None when the proposals carry no levels."""
-        if not proposals or not proposals[0].has("gt_level_ids"):
+        if not any(p.has("gt_level_ids") for p in proposals):
             return None
         gt_classes = torch.cat([p.gt_classes for p in proposals])
-        gt_levels = torch.cat([p.gt_level_ids for p in proposals])
+        gt_levels = torch.cat([_field(p, "gt_level_ids", -1) for p in proposals])
         valid = (gt_classes >= 0) & (gt_classes < self.num_classes) & (gt_levels >= 0)
         return gt_levels, valid
 

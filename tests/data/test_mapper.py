@@ -238,3 +238,17 @@ def test_input_crop_from_config_cuts_heights_only_with_relative_range(record):
         assert 100 <= t.h <= 200 and 0 <= t.y0 <= 200 - t.h
         heights.add(t.h)
     assert len(heights) > 5
+
+
+def test_truncated_comes_from_the_flag_or_from_a_border_the_augmentation_cut(record):
+    from spine_d2.data.augment import ClipCropTransform
+
+    record["annotations"][1]["truncated"] = True  # the no-level box, inside the scan
+    out = _mapper([])(record)
+    assert out["instances"].gt_truncated.tolist() == [False, True]
+    # the crop starts at row 50: RECT (rows 30-100) now touches the top border
+    del record["annotations"][1]["truncated"]
+    cropped = _mapper([ClipCropTransform(0, 50, W, H - 50)])(record)
+    assert cropped["instances"].gt_truncated.tolist() == [True]
+    uncut = _mapper([ClipCropTransform(0, 2, W, H - 2)])(record)  # both stay 3+ px inside
+    assert uncut["instances"].gt_truncated.tolist() == [False, False]

@@ -396,5 +396,54 @@ def test_instance_weights_scale_the_losses_of_their_levels_only(level_model, syn
     c.defrost()
     c.SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS = [["L5", 2.0]]
     c.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE = "giou"
-    with pytest.raises(ValueError, match="needs MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE smooth_l1"):
+    with pytest.raises(ValueError, match="need MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE smooth_l1"):
         build_model(c)
+
+
+def test_truncated_weight_scales_the_losses_of_truncated_vertebrae_only(
+    level_model, synthetic_train
+):
+    from detectron2.data import DatasetCatalog
+
+    cfg, model = level_model
+    batch = [
+        XrayDatasetMapper(cfg, is_train=True)(r) for r in DatasetCatalog.get(synthetic_train)[:2]
+    ]
+
+    def losses(truncated, weight, level_pairs=()):
+        for b in batch:
+            n = len(b["instances"])
+            b["instances"].gt_truncated = torch.full((n,), truncated, dtype=torch.bool)
+        c = cfg.clone()
+        c.defrost()
+        c.SPINE.LEVEL_HEAD.TRUNCATED_WEIGHT = weight
+        c.SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS = [list(p) for p in level_pairs]
+        m = build_model(c)
+        m.load_state_dict(model.state_dict())
+        m.train()
+        torch.manual_seed(0)  # the same sampled proposals in every run
+        with EventStorage():
+            out = m(batch)
+        return {k: v.item() for k, v in out.items()}
+
+    plain = losses(False, 1.0)
+    # no truncated vertebra in the batch: a weight of 3 changes nothing
+    none_cut = losses(False, 3.0)
+    for k in ("loss_cls", "loss_box_reg", "loss_mask"):
+        assert none_cut[k] == pytest.approx(plain[k], rel=1e-5), k
+    # every vertebra truncated: box regression and masks scale exactly, classification only in
+    # its foreground part
+    all_cut = losses(True, 3.0)
+    assert all_cut["loss_box_reg"] == pytest.approx(3.0 * plain["loss_box_reg"], rel=1e-5)
+    assert all_cut["loss_mask"] == pytest.approx(3.0 * plain["loss_mask"], rel=1e-5)
+    assert plain["loss_cls"] < all_cut["loss_cls"] < 3.0 * plain["loss_cls"]
+    # the truncated weight multiplies the level's weight
+    both = losses(True, 1.5, [(lv, 2.0) for lv in cfg.SPINE.LEVELS])
+    assert both["loss_mask"] == pytest.approx(3.0 * plain["loss_mask"], rel=1e-5)
+
+    for bad in (0.0, -1.0, "heavy"):
+        c = cfg.clone()
+        c.defrost()
+        c.SPINE.LEVEL_HEAD.TRUNCATED_WEIGHT = bad
+        with pytest.raises(ValueError, match=f"TRUNCATED_WEIGHT must be > 0, not {bad}"):
+            build_model(c)
