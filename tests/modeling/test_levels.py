@@ -447,3 +447,31 @@ def test_truncated_weight_scales_the_losses_of_truncated_vertebrae_only(
         c.SPINE.LEVEL_HEAD.TRUNCATED_WEIGHT = bad
         with pytest.raises(ValueError, match=f"TRUNCATED_WEIGHT must be > 0, not {bad}"):
             build_model(c)
+
+
+def test_a_scan_without_vertebrae_beside_one_with_them_trains_with_weights(
+    level_model, synthetic_train
+):
+    """detectron2 leaves the proposals of an image without ground truth without gt fields; the
+    level loss and the loss weights must read them as background, not fail."""
+    import copy
+
+    from detectron2.data import DatasetCatalog
+
+    cfg, model = level_model
+    records = copy.deepcopy(DatasetCatalog.get(synthetic_train)[:2])
+    records[1]["annotations"] = []
+    mapper = XrayDatasetMapper(cfg, is_train=True)
+    batch = [mapper(r) for r in records]
+    assert len(batch[1]["instances"]) == 0 and len(batch[0]["instances"]) > 0
+    c = cfg.clone()
+    c.defrost()
+    c.SPINE.LEVEL_HEAD.TRUNCATED_WEIGHT = 2.0
+    c.SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS = [["T12", 2.0]]
+    m = build_model(c)
+    m.load_state_dict(model.state_dict())
+    m.train()
+    with EventStorage():
+        out = m(batch)
+    assert all(torch.isfinite(v) for v in out.values())
+    assert out["loss_level"].item() > 0
