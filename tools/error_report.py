@@ -7,7 +7,9 @@ for the overlays, ``coco_instances_results.json`` beside it) and writes into ``-
 ``summary.json`` (also printed) and, with ``--overlays N``, PNGs of the N worst films.
 ``--kinds`` tags each miss with what the model put over it (``missed_by_kind``: a poor mask of
 its own, its own detection under the score cut, only a neighbour's mask, nothing), from every
-dumped detection; it and ``--overlays`` need the dataset registered as for the evaluation.
+dumped detection; ``--score-cuts 0.3,0.5,0.7`` adds recall, precision and F1 at those score
+cuts (``score_cuts``; to compare two models at equal precision, not at one cut). These three
+need the dataset registered as for the evaluation.
 
     python tools/error_report.py output/aasce/run/inference/spine_aasce_val --kinds --overlays 8
 """
@@ -36,6 +38,7 @@ from spine_d2.evaluation.errors import (
     worst_films,
     write_errors_csv,
 )
+from spine_d2.evaluation.vertebra import sweep_score_cuts
 from spine_d2.report import atomic_png
 
 
@@ -62,6 +65,16 @@ def _kinds(payload, records, predictions) -> dict:
     # COCO json holds dataset category ids; the records hold contiguous ones.
     to_contiguous = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
     return classify_misses(payload, predictions, records, pred_classes=to_contiguous)
+
+
+def _score_cuts(text: str) -> list:
+    try:
+        cuts = [float(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        cuts = []
+    if not cuts or not all(0.0 <= c <= 1.0 for c in cuts):
+        raise argparse.ArgumentTypeError(f"comma-separated scores in [0, 1], not {text!r}")
+    return cuts
 
 
 def _overlays(payload, records, predictions, out: Path, n: int) -> list:
@@ -92,6 +105,12 @@ def main(argv=None):
     ap.add_argument(
         "--kinds", action="store_true", help="tag each miss with what was over it (missed_by_kind)"
     )
+    ap.add_argument(
+        "--score-cuts",
+        type=_score_cuts,
+        default=None,
+        help="recall / precision / F1 at these score cuts, e.g. 0.3,0.5,0.7 (score_cuts)",
+    )
     args = ap.parse_args(argv)
     setup_logger(name="spine_d2")
     try:
@@ -99,13 +118,24 @@ def main(argv=None):
         results_dir = Path(payload["path"]).parent
         out = Path(args.out) if args.out else results_dir / "errors"
         out.mkdir(parents=True, exist_ok=True)
-        if args.kinds or args.overlays > 0:
-            flag = "--kinds" if args.kinds else "--overlays"
+        if args.kinds or args.overlays > 0 or args.score_cuts:
+            flag = (
+                "--kinds" if args.kinds else "--overlays" if args.overlays > 0 else "--score-cuts"
+            )
             records, predictions = _records_and_predictions(payload, results_dir, flag)
         if args.kinds:
             _kinds(payload, records, predictions)
         summary = summarize_errors(payload, VERTEBRA_LEVELS)
         summary["csv"] = write_errors_csv(payload, out / "errors.csv", VERTEBRA_LEVELS)
+        if args.score_cuts:
+            meta = MetadataCatalog.get(payload["dataset"])
+            summary["score_cuts"] = sweep_score_cuts(
+                payload["dataset"],
+                predictions,
+                args.score_cuts,
+                iou_thresh=float(payload.get("iou_thresh") or 0.5),
+                to_contiguous=getattr(meta, "thing_dataset_id_to_contiguous_id", None),
+            )
         if args.overlays > 0:
             summary["overlays"] = _overlays(payload, records, predictions, out, args.overlays)
         write_eval_results(summary, str(out / "summary.json"))

@@ -345,6 +345,43 @@ class VertebraEvaluator(DatasetEvaluator):
         os.replace(tmp, path)
 
 
+SWEEP_KEYS = ("recall", "recall_whole", "recall_truncated", "precision", "f1")
+
+
+def sweep_score_cuts(dataset_name, detections, cuts, *, iou_thresh=0.5, to_contiguous=None):
+    """VertebraEvaluator's recall / precision / F1 at each score cut, from every detection an
+    evaluation dumped (COCO format, ``coco_instances_results.json``): the operating points one
+    model offers, without running it again, so that two models are compared at equal precision
+    rather than at one cut. Levels and the chain rescue are not re-applied.
+
+    ``to_contiguous``: dataset category id -> contiguous id (the json holds dataset ids, the
+    evaluator's ground truth contiguous ones); None when they are the same.
+    Returns one dict per cut: ``score_cut`` and :data:`SWEEP_KEYS` (those the GT supports)."""
+    evaluator = VertebraEvaluator(
+        dataset_name, iou_thresh=iou_thresh, distributed=False, bootstrap=0
+    )
+    evaluator._gt = _load_ground_truth(dataset_name)
+    by_image = defaultdict(list)
+    for det in detections:
+        if "segmentation" not in det:
+            raise ValueError(f"detection of image {det.get('image_id')} has no segmentation")
+        by_image[det["image_id"]].append(det)
+    rows = []
+    for cut in sorted(float(c) for c in cuts):
+        preds = {}
+        for image_id, dets in by_image.items():
+            kept = [d for d in dets if d["score"] >= cut]
+            cats = [d["category_id"] for d in kept]
+            preds[image_id] = {
+                "rles": [d["segmentation"] for d in kept],
+                "classes": [to_contiguous.get(c, -1) for c in cats] if to_contiguous else cats,
+                "levels": None,
+            }
+        results, _ = evaluator._score(preds)
+        rows.append({"score_cut": cut, **{k: results[k] for k in SWEEP_KEYS if k in results}})
+    return rows
+
+
 def _image_errors(image_id, gt, pred, pairs, main, n_pred):
     """One image's counts and what went wrong, for error analysis (tools/error_report.py).
 

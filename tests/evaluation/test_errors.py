@@ -11,7 +11,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Instances
 
 from spine_d2.errors import SpineError
@@ -105,6 +105,9 @@ def test_report_from_a_real_evaluation(synthetic_train, tmp_path):
     evaluator = VertebraEvaluator(synthetic_train, output_dir=str(eval_dir))
     evaluator.reset()
     coco = []
+    # a COCO dump holds the dataset's category ids, not the contiguous ones
+    to_contiguous = MetadataCatalog.get(synthetic_train).thing_dataset_id_to_contiguous_id
+    dataset_id = next(d for d, c in to_contiguous.items() if c == 0)
     for k, rec in enumerate(all_records):
         masks = _gt_masks(rec)
         levels = [a["level"] for a in rec["annotations"]]
@@ -118,8 +121,8 @@ def test_report_from_a_real_evaluation(synthetic_train, tmp_path):
         evaluator.process([{"image_id": rec["image_id"]}], [out])
         for rle in masks_to_rles(np.stack(masks)):
             rle["counts"] = rle["counts"].decode("ascii")
-            coco.append({"image_id": rec["image_id"], "category_id": 0, "segmentation": rle,
-                         "score": 0.9})  # fmt: skip
+            coco.append({"image_id": rec["image_id"], "category_id": dataset_id,
+                         "segmentation": rle, "score": 0.9})  # fmt: skip
     evaluator.evaluate()
     (eval_dir / "coco_instances_results.json").write_text(json.dumps(coco))
 
@@ -127,10 +130,19 @@ def test_report_from_a_real_evaluation(synthetic_train, tmp_path):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tmp_path / "errors"
-    assert tool.main([str(eval_dir), "--out", str(out), "--overlays", "2", "--kinds"]) == 0
+    args = [str(eval_dir), "--out", str(out), "--overlays", "2", "--kinds"]
+    assert tool.main(args + ["--score-cuts", "0.95,0.5"]) == 0
 
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["missed"], summary["false_positives"]) == (1, 1)
+    # every detection scored 0.9: all of them at 0.5 (the evaluation's one miss and one false
+    # positive), none at 0.95
+    num_gt = sum(len(r["annotations"]) for r in all_records)
+    low, high = summary["score_cuts"]
+    assert [low["score_cut"], high["score_cut"]] == [0.5, 0.95]
+    assert low["recall"] == pytest.approx((num_gt - 1) / num_gt)
+    assert low["precision"] == pytest.approx((num_gt - 1) / num_gt)
+    assert high["recall"] == 0.0
     assert summary["missed_by_kind"]["not_detected"] == 1  # the stray blob is far from it
     assert summary["films_by_shift"] == {"+1": 1}
     rows = list(csv.DictReader((out / "errors.csv").open()))
@@ -149,6 +161,16 @@ def test_report_from_a_real_evaluation(synthetic_train, tmp_path):
     missed_png = next(n for n in by_name if Path(records[0]["file_name"]).stem in n)
     shifted_png = next(n for n in by_name if Path(records[1]["file_name"]).stem in n)
     assert by_name[missed_png] > 20 and by_name[shifted_png] == 0  # only the miss is yellow
+
+
+def test_bad_score_cuts_are_refused(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("error_report", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for bad in ("0.5,x", "1.5", ""):
+        with pytest.raises(SystemExit):
+            tool.main([str(tmp_path), "--score-cuts", bad])
+        assert "comma-separated scores in [0, 1]" in capsys.readouterr().err
 
 
 def test_overlays_need_the_dataset_registered(tmp_path):

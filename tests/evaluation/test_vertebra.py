@@ -320,3 +320,35 @@ def test_negative_bootstrap_count_is_refused():
     with registered(two_images()) as name:
         with pytest.raises(ValueError, match="bootstrap must be >= 0"):
             VertebraEvaluator(name, bootstrap=-1)
+
+
+def test_score_cut_sweep_counts_by_hand_from_coco_detections():
+    from spine_d2.evaluation.vertebra import sweep_score_cuts
+
+    records = two_images()
+    for ann, cut in zip(records[0]["annotations"], (False, False, True, True)):
+        ann["truncated"] = cut
+    for ann in records[1]["annotations"]:
+        ann["truncated"] = False
+
+    def det(image_id, rect, score, category_id=1):
+        rle = mask_util.encode(np.asfortranarray(rect_mask(*rect).astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")  # as read from COCO json
+        return {"image_id": image_id, "category_id": category_id, "segmentation": rle,
+                "score": score}  # fmt: skip
+
+    # image 0: the two truncated vertebrae scored 0.4; image 1: all four at 0.9, a false
+    # positive at 0.6 and a detection of a class the dataset does not know at 0.9
+    dets = [det(0, r, s) for r, s in zip(RECTS, (0.9, 0.9, 0.4, 0.4))]
+    dets += [det(1, r, 0.9) for r in RECTS] + [det(1, (0, 0, 12, 12), 0.6)]
+    dets.append(det(1, RECTS[0], 0.9, category_id=7))
+    with registered(records) as name:
+        rows = sweep_score_cuts(name, dets, [0.7, 0.3, 0.5], to_contiguous={1: 0})
+    assert [r["score_cut"] for r in rows] == [0.3, 0.5, 0.7]
+    at = {r["score_cut"]: r for r in rows}
+    assert at[0.3]["recall"] == 1.0 and at[0.3]["precision"] == pytest.approx(8 / 10)
+    assert at[0.5]["recall"] == pytest.approx(6 / 8)
+    assert at[0.5]["precision"] == pytest.approx(6 / 8)
+    assert (at[0.5]["recall_whole"], at[0.5]["recall_truncated"]) == (1.0, 0.0)
+    assert at[0.7]["precision"] == pytest.approx(6 / 7)
+    assert at[0.7]["f1"] == pytest.approx(2 * (6 / 8) * (6 / 7) / (6 / 8 + 6 / 7))
