@@ -129,13 +129,16 @@ def main(argv=None):
         summary["csv"] = write_errors_csv(payload, out / "errors.csv", VERTEBRA_LEVELS)
         if args.score_cuts:
             meta = MetadataCatalog.get(payload["dataset"])
-            summary["score_cuts"] = sweep_score_cuts(
-                payload["dataset"],
-                predictions,
-                args.score_cuts,
-                iou_thresh=float(payload.get("iou_thresh") or 0.5),
-                to_contiguous=getattr(meta, "thing_dataset_id_to_contiguous_id", None),
-            )
+            try:
+                summary["score_cuts"] = sweep_score_cuts(
+                    payload["dataset"],
+                    predictions,
+                    args.score_cuts,
+                    iou_thresh=float(payload.get("iou_thresh") or 0.5),
+                    to_contiguous=getattr(meta, "thing_dataset_id_to_contiguous_id", None),
+                )
+            except ValueError as e:  # a dump that is not a mask model's
+                raise SpineError(f"{results_dir / 'coco_instances_results.json'}: {e}") from None
         if args.overlays > 0:
             summary["overlays"] = _overlays(payload, records, predictions, out, args.overlays)
         write_eval_results(summary, str(out / "summary.json"))

@@ -352,3 +352,11 @@ def test_score_cut_sweep_counts_by_hand_from_coco_detections():
     assert (at[0.5]["recall_whole"], at[0.5]["recall_truncated"]) == (1.0, 0.0)
     assert at[0.7]["precision"] == pytest.approx(6 / 7)
     assert at[0.7]["f1"] == pytest.approx(2 * (6 / 8) * (6 / 7) / (6 / 8 + 6 / 7))
+
+
+def test_score_cut_sweep_names_a_detection_without_segmentation():
+    from spine_d2.evaluation.vertebra import sweep_score_cuts
+
+    with registered(two_images()) as name:
+        with pytest.raises(ValueError, match="detection of image 1 has no segmentation"):
+            sweep_score_cuts(name, [{"image_id": 1, "category_id": 0, "score": 0.9}], [0.5])

@@ -345,6 +345,22 @@ def test_fit_level_prior_tool_writes_a_loadable_prior(synthetic_train, tmp_path,
     assert not (tmp_path / "x.json").exists()
 
 
+def _weighted_losses(cfg, model, batch, **level_head):
+    """The training losses of ``model``'s weights under SPINE.LEVEL_HEAD overrides, with the
+    same sampled proposals in every call."""
+    c = cfg.clone()
+    c.defrost()
+    for key, value in level_head.items():
+        c.SPINE.LEVEL_HEAD[key] = value
+    m = build_model(c)
+    m.load_state_dict(model.state_dict())
+    m.train()
+    torch.manual_seed(0)
+    with EventStorage():
+        out = m(batch)
+    return {k: v.item() for k, v in out.items()}
+
+
 def test_instance_weights_scale_the_losses_of_their_levels_only(level_model, synthetic_train):
     from detectron2.data import DatasetCatalog
 
@@ -355,16 +371,7 @@ def test_instance_weights_scale_the_losses_of_their_levels_only(level_model, syn
     assert all((b["instances"].gt_level_ids >= 0).all() for b in batch)
 
     def losses(weight_pairs):
-        c = cfg.clone()
-        c.defrost()
-        c.SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS = weight_pairs
-        m = build_model(c)
-        m.load_state_dict(model.state_dict())
-        m.train()
-        torch.manual_seed(0)  # the same sampled proposals in every run
-        with EventStorage():
-            out = m(batch)
-        return {k: v.item() for k, v in out.items()}
+        return _weighted_losses(cfg, model, batch, INSTANCE_WEIGHTS=weight_pairs)
 
     plain = losses([])
     # weights of 1 reproduce detectron2's own losses (the unweighted code path)
@@ -414,17 +421,8 @@ def test_truncated_weight_scales_the_losses_of_truncated_vertebrae_only(
         for b in batch:
             n = len(b["instances"])
             b["instances"].gt_truncated = torch.full((n,), truncated, dtype=torch.bool)
-        c = cfg.clone()
-        c.defrost()
-        c.SPINE.LEVEL_HEAD.TRUNCATED_WEIGHT = weight
-        c.SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS = [list(p) for p in level_pairs]
-        m = build_model(c)
-        m.load_state_dict(model.state_dict())
-        m.train()
-        torch.manual_seed(0)  # the same sampled proposals in every run
-        with EventStorage():
-            out = m(batch)
-        return {k: v.item() for k, v in out.items()}
+        pairs = [list(p) for p in level_pairs]
+        return _weighted_losses(cfg, model, batch, TRUNCATED_WEIGHT=weight, INSTANCE_WEIGHTS=pairs)
 
     plain = losses(False, 1.0)
     # no truncated vertebra in the batch: a weight of 3 changes nothing
