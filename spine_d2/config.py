@@ -117,6 +117,15 @@ def add_spine_config(cfg):
     _C.SPINE.LEVEL_HEAD.RESCUE.GAP_FACTOR = 1.6  # a spacing this x its neighbours' is a gap
     _C.SPINE.LEVEL_HEAD.RESCUE.MAX_OVERLAP = 0.3  # box IoU with any confident detection
 
+    # Suppression of overlapping detections at inference (modeling/soft_nms.py): "hard"
+    # (detectron2's NMS at MODEL.ROI_HEADS.NMS_THRESH_TEST), "linear" soft NMS (a detection
+    # overlapping a higher one by IoU > NMS_THRESH_TEST keeps 1 - IoU of its score instead of
+    # being deleted: at 0.5 the detections over score 0.5 are hard NMS's, COCO AP gains the
+    # neighbours hard NMS deleted) or "gaussian" (every overlap scales by exp(-IoU^2 / SIGMA))
+    _C.SPINE.NMS = CN()
+    _C.SPINE.NMS.METHOD = "hard"
+    _C.SPINE.NMS.SIGMA = 0.5
+
     # Training: "SGD" (detectron2's build_optimizer) or "ADAMW" (SOLVER.BASE_LR,
     # SOLVER.WEIGHT_DECAY, no decay on norms and biases). SOLVER.AMP.ENABLED on the CPU
     # trains under bfloat16 autocast (no loss scaling needed); on CUDA detectron2's AMPTrainer.

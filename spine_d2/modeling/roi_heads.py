@@ -34,6 +34,7 @@ from torch import nn
 
 from .levels import LevelPrior, decode_levels
 from .rescue import rescue_chain
+from .soft_nms import SOFT_NMS_METHODS, soft_nms_inference
 
 __all__ = ["LevelROIHeads", "weighted_mask_loss"]
 
@@ -96,6 +97,8 @@ class LevelROIHeads(StandardROIHeads):
         rescue_max_overlap: float = 0.3,
         instance_weights: Sequence = (),
         truncated_weight: float = 1.0,
+        nms_method: str = "hard",
+        nms_sigma: float = 0.5,
         **kwargs,
     ):
         """
@@ -166,6 +169,14 @@ class LevelROIHeads(StandardROIHeads):
             raise ValueError(
                 f"SPINE.LEVEL_HEAD.TRUNCATED_WEIGHT must be > 0, not {truncated_weight}"
             )
+        if nms_method not in SOFT_NMS_METHODS:
+            raise ValueError(
+                f"SPINE.NMS.METHOD must be one of {', '.join(SOFT_NMS_METHODS)}, not {nms_method!r}"
+            )
+        if not float(nms_sigma) > 0:
+            raise ValueError(f"SPINE.NMS.SIGMA must be > 0, not {nms_sigma}")
+        self.nms_method = nms_method
+        self.nms_sigma = float(nms_sigma)
         if self._weighted:
             loss_type = getattr(self.box_predictor, "box_reg_loss_type", "smooth_l1")
             if loss_type != "smooth_l1":
@@ -203,6 +214,8 @@ class LevelROIHeads(StandardROIHeads):
             rescue_max_overlap=head.RESCUE.MAX_OVERLAP,
             instance_weights=[tuple(pair) for pair in head.INSTANCE_WEIGHTS],
             truncated_weight=head.TRUNCATED_WEIGHT,
+            nms_method=cfg.SPINE.NMS.METHOD,
+            nms_sigma=cfg.SPINE.NMS.SIGMA,
         )
         return ret
 
@@ -257,11 +270,27 @@ class LevelROIHeads(StandardROIHeads):
                 level_logits, proposals
             )
             return losses
-        pred_instances, kept = self.box_predictor.inference(predictions, proposals)
+        pred_instances, kept = self._inference(predictions, proposals)
         per_image = level_logits.split([len(p) for p in proposals])
         for inst, idx, logits in zip(pred_instances, kept, per_image):
             self._label_levels(inst, logits[idx])
         return pred_instances
+
+    def _inference(self, predictions, proposals: List[Instances]):
+        """The box predictor's inference, with soft NMS when SPINE.NMS.METHOD asks for it."""
+        predictor = self.box_predictor
+        if self.nms_method == "hard":
+            return predictor.inference(predictions, proposals)
+        return soft_nms_inference(
+            predictor.predict_boxes(predictions, proposals),
+            predictor.predict_probs(predictions, proposals),
+            [x.image_size for x in proposals],
+            predictor.test_score_thresh,
+            predictor.test_nms_thresh,
+            predictor.test_topk_per_image,
+            self.nms_method,
+            self.nms_sigma,
+        )
 
     @property
     def _weighted(self) -> bool:

@@ -1,0 +1,112 @@
+"""Soft NMS (SPINE.NMS): hand-computed scores, equivalence with hard NMS above 0.5, and the
+LevelROIHeads path that maps each detection back to its proposal."""
+
+import math
+
+import pytest
+import torch
+from detectron2.layers import batched_nms
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from spine_d2.engine.setup import build_config
+from spine_d2.modeling.soft_nms import soft_nms
+
+INSTANT = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
+
+# A and B overlap by box IoU 0.6 (A: 0..10, B: 2.5..12.5 in x, same rows), C stands apart
+A, B, C = [0.0, 0.0, 10.0, 10.0], [2.5, 0.0, 12.5, 10.0], [50.0, 50.0, 60.0, 60.0]
+IOU_AB = 75.0 / 125.0
+
+
+def _run(method, classes=(0, 0, 0), score_thresh=0.05, sigma=0.5):
+    boxes = torch.tensor([A, B, C])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    return soft_nms(boxes, scores, torch.tensor(classes), method, 0.5, sigma, score_thresh)
+
+
+def test_each_rule_rescores_the_overlapping_box_as_computed_by_hand():
+    keep, scores = _run("hard")
+    assert keep.tolist() == [0, 2] and scores.tolist() == pytest.approx([0.9, 0.7])
+    keep, scores = _run("linear")  # B keeps 1 - 0.6 of 0.8 and falls below C
+    assert keep.tolist() == [0, 2, 1]
+    assert scores.tolist() == pytest.approx([0.9, 0.7, 0.8 * (1 - IOU_AB)])
+    keep, scores = _run("gaussian", sigma=0.5)  # every overlap decays, C's (0) by nothing
+    assert keep.tolist() == [0, 2, 1]
+    assert scores.tolist() == pytest.approx([0.9, 0.7, 0.8 * math.exp(-(IOU_AB**2) / 0.5)])
+    # a rescored box under the score threshold is dropped
+    keep, _ = _run("linear", score_thresh=0.4)
+    assert keep.tolist() == [0, 2]
+    # boxes of different classes never suppress each other
+    keep, scores = _run("linear", classes=(0, 1, 0))
+    assert keep.tolist() == [0, 1, 2] and scores.tolist() == pytest.approx([0.9, 0.8, 0.7])
+    with pytest.raises(ValueError, match="SPINE.NMS.METHOD must be one of"):
+        _run("soft")
+    keep, scores = soft_nms(
+        torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), "linear", 0.5, 0.5, 0
+    )
+    assert len(keep) == len(scores) == 0
+
+
+def test_linear_rule_at_0_5_keeps_hard_nms_detections_above_0_5_exactly():
+    """Why the evaluator's and the export's operating point does not move: a demoted detection
+    keeps (1 - IoU) < 0.5 of its score, and the undemoted ones are hard NMS's, in its order."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        xy = torch.rand(60, 2, generator=g) * 100
+        wh = 10 + torch.rand(60, 2, generator=g) * 30
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        scores = torch.rand(60, generator=g)
+        classes = torch.randint(0, 2, (60,), generator=g)
+        hard = batched_nms(boxes, scores, classes, 0.5)
+        hard = hard[scores[hard] >= 0.5]
+        keep, new = soft_nms(boxes, scores, classes, "linear", 0.5, 0.5, 0.05)
+        assert keep[new >= 0.5].tolist() == hard.tolist()
+        assert len(keep) > len(hard)  # the demoted ones are still there, lower
+        assert torch.equal(new[new >= 0.5], scores[hard])
+
+
+def _heads(method):
+    cfg = build_config(
+        INSTANT, ["MODEL.ROI_HEADS.NAME", "LevelROIHeads", "SPINE.NMS.METHOD", method]
+    )
+    torch.manual_seed(0)
+    return build_model(cfg).roi_heads.eval()
+
+
+def test_level_heads_soft_nms_maps_each_detection_to_its_proposal():
+    heads = _heads("linear")
+    k = heads.num_classes
+    proposals = Instances((100, 100))
+    proposals.proposal_boxes = Boxes(torch.tensor([C, A, B, [0.0, 0.0, 1.0, float("nan")]]))
+    # class logits: vertebra probabilities ~0.7, 0.9, 0.8 (zero deltas: boxes stay the proposals)
+    logits = torch.full((4, k + 1), -20.0)
+    for row, p in enumerate([0.7, 0.9, 0.8, 0.9]):
+        logits[row, 0], logits[row, k] = math.log(p), math.log(1 - p)
+    deltas = torch.zeros(4, heads.box_predictor.bbox_pred.out_features)
+    [inst], [kept] = heads._inference((logits, deltas), [proposals])
+    # the non-finite proposal is skipped, and indices still point at the input proposals
+    assert kept.tolist() == [1, 0, 2]
+    assert inst.scores.tolist() == pytest.approx([0.9, 0.7, 0.8 * (1 - IOU_AB)], rel=1e-4)
+    assert inst.pred_boxes.tensor.tolist() == [A, C, B]
+    hard = _heads("hard")
+    [inst], [kept] = hard._inference((logits, deltas), [proposals])
+    assert inst.scores.tolist() == pytest.approx([0.9, 0.7], rel=1e-4)
+
+
+def test_bad_nms_settings_are_refused_naming_the_key():
+    with pytest.raises(ValueError, match="SPINE.NMS.METHOD must be one of hard, linear, gaussian"):
+        _heads("softer")
+    cfg = build_config(
+        INSTANT,
+        [
+            "MODEL.ROI_HEADS.NAME",
+            "LevelROIHeads",
+            "SPINE.NMS.METHOD",
+            "gaussian",
+            "SPINE.NMS.SIGMA",
+            "0.0",
+        ],
+    )
+    with pytest.raises(ValueError, match="SPINE.NMS.SIGMA must be > 0, not 0.0"):
+        build_model(cfg)
