@@ -125,6 +125,11 @@ def add_spine_config(cfg):
     _C.SPINE.NMS = CN()
     _C.SPINE.NMS.METHOD = "hard"
     _C.SPINE.NMS.SIGMA = 0.5
+    # Re-rank detections by their mask's confidence (LevelROIHeads._rescore_by_masks): a score
+    # becomes SCORE_THRESH + (score - SCORE_THRESH) x maskness above SPINE.LEVEL_HEAD.SCORE_THRESH
+    # and score x maskness under it, so no detection crosses that cut (COCO AP changes; what
+    # the evaluator, levels and the ZOI export keep does not, while their cuts are equal)
+    _C.SPINE.MASK_RESCORE = False
 
     # Training: "SGD" (detectron2's build_optimizer) or "ADAMW" (SOLVER.BASE_LR,
     # SOLVER.WEIGHT_DECAY, no decay on norms and biases). SOLVER.AMP.ENABLED on the CPU

@@ -99,6 +99,7 @@ class LevelROIHeads(StandardROIHeads):
         truncated_weight: float = 1.0,
         nms_method: str = "hard",
         nms_sigma: float = 0.5,
+        mask_rescore: bool = False,
         **kwargs,
     ):
         """
@@ -177,6 +178,9 @@ class LevelROIHeads(StandardROIHeads):
             raise ValueError(f"SPINE.NMS.SIGMA must be > 0, not {nms_sigma}")
         self.nms_method = nms_method
         self.nms_sigma = float(nms_sigma)
+        if mask_rescore and not self.mask_on:
+            raise ValueError("SPINE.MASK_RESCORE needs a mask head (MODEL.MASK_ON True)")
+        self.mask_rescore = bool(mask_rescore)
         if self._weighted:
             loss_type = getattr(self.box_predictor, "box_reg_loss_type", "smooth_l1")
             if loss_type != "smooth_l1":
@@ -216,6 +220,7 @@ class LevelROIHeads(StandardROIHeads):
             truncated_weight=head.TRUNCATED_WEIGHT,
             nms_method=cfg.SPINE.NMS.METHOD,
             nms_sigma=cfg.SPINE.NMS.SIGMA,
+            mask_rescore=cfg.SPINE.MASK_RESCORE,
         )
         return ret
 
@@ -343,8 +348,14 @@ class LevelROIHeads(StandardROIHeads):
 
     def _forward_mask(self, features: Dict[str, torch.Tensor], instances: List[Instances]):
         """StandardROIHeads' mask branch; in training with SPINE.LEVEL_HEAD.INSTANCE_WEIGHTS the
-        mask loss of each foreground proposal is weighted by its level (and TRUNCATED_WEIGHT)."""
-        if not (self.training and self.mask_on and self._weighted):
+        mask loss of each foreground proposal is weighted by its level (and TRUNCATED_WEIGHT);
+        at inference with SPINE.MASK_RESCORE the scores are re-ranked by the masks."""
+        if not self.training:
+            instances = super()._forward_mask(features, instances)
+            if self.mask_on and self.mask_rescore:
+                self._rescore_by_masks(instances)
+            return instances
+        if not (self.mask_on and self._weighted):
             return super()._forward_mask(features, instances)
         instances, _ = select_foreground_proposals(instances, self.num_classes)
         if self.mask_pooler is not None:
@@ -356,6 +367,24 @@ class LevelROIHeads(StandardROIHeads):
         weights = self._proposal_weights(instances)
         loss = weighted_mask_loss(logits, instances, weights)
         return {"loss_mask": loss * self.mask_head.loss_weight}
+
+    def _rescore_by_masks(self, instances: List[Instances]) -> None:
+        """Scale each detection's score by its mask's confidence (the mean mask probability
+        inside the binarised mask: SOLOv2's maskness), so a confident box around a poor mask
+        ranks lower. Scores are moved towards SCORE_THRESH, never across it: the detections
+        that levels, the chain rescue, the evaluator and the ZOI export keep are the same ones."""
+        cut = self.level_score_thresh
+        for inst in instances:
+            if len(inst) == 0:
+                continue
+            probs = inst.pred_masks.flatten(1).float()
+            inside = probs > 0.5
+            maskness = (probs * inside).sum(1) / inside.sum(1).clamp(min=1)
+            scores = inst.scores.float()
+            rescored = torch.where(
+                scores >= cut, cut + (scores - cut) * maskness, scores * maskness
+            )
+            inst.scores = rescored.to(inst.scores.dtype)
 
     def _context_boxes(self, proposals: Instances) -> Boxes:
         """The proposal boxes enlarged ``context_scale`` times about their centres, clipped."""

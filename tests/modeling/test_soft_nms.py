@@ -110,3 +110,52 @@ def test_bad_nms_settings_are_refused_naming_the_key():
     )
     with pytest.raises(ValueError, match="SPINE.NMS.SIGMA must be > 0, not 0.0"):
         build_model(cfg)
+
+
+def _heads_with(*opts):
+    cfg = build_config(INSTANT, ["MODEL.ROI_HEADS.NAME", "LevelROIHeads", *opts])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg)
+
+
+def test_mask_rescore_moves_scores_by_maskness_towards_the_cut_never_across():
+    _, model = _heads_with("SPINE.MASK_RESCORE", "True", "SPINE.LEVEL_HEAD.SCORE_THRESH", "0.5")
+    inst = Instances((20, 20))
+    inst.scores = torch.tensor([0.9, 0.3, 0.6, 0.7])
+    probs = torch.zeros(4, 1, 4, 4)
+    probs[0, 0, :2] = 0.8  # maskness 0.8 (the zeros outside the mask do not count)
+    probs[1, 0] = 0.6  # maskness 0.6
+    probs[2, 0, 0, 0] = 0.4  # nothing over 0.5: an empty mask, maskness 0
+    probs[3, 0] = 1.0  # a certain mask keeps its score
+    inst.pred_masks = probs
+    empty = Instances((20, 20), scores=torch.zeros(0), pred_masks=torch.zeros(0, 1, 4, 4))
+    model.roi_heads._rescore_by_masks([inst, empty])
+    assert inst.scores.tolist() == pytest.approx([0.5 + 0.4 * 0.8, 0.3 * 0.6, 0.5, 0.7])
+
+
+def test_mask_rescore_keeps_the_same_detections_over_the_cut(synthetic_train):
+    from detectron2.data import DatasetCatalog
+
+    from spine_d2.data.mapper import XrayDatasetMapper
+
+    cfg, model = _heads_with("SPINE.NMS.METHOD", "linear")
+    model.eval()
+    scan = XrayDatasetMapper(cfg, is_train=False)(DatasetCatalog.get(synthetic_train)[0])
+    with torch.no_grad():
+        plain = model([scan])[0]["instances"]
+        assert len(plain) >= 4
+        cut = float(plain.scores.median())  # an untrained model: a cut inside its scores
+        model.roi_heads.level_score_thresh = cut
+        plain = model([scan])[0]["instances"]
+        model.roi_heads.mask_rescore = True
+        rescored = model([scan])[0]["instances"]
+    assert torch.equal(plain.pred_boxes.tensor, rescored.pred_boxes.tensor)
+    assert torch.equal(plain.scores >= cut, rescored.scores >= cut)
+    assert torch.equal(plain.pred_levels, rescored.pred_levels)
+    assert (rescored.scores <= plain.scores + 1e-6).all()
+    assert (rescored.scores < plain.scores - 1e-4).any()  # the ranking input did change
+
+
+def test_mask_rescore_needs_a_mask_head():
+    with pytest.raises(ValueError, match="SPINE.MASK_RESCORE needs a mask head"):
+        _heads_with("SPINE.MASK_RESCORE", "True", "MODEL.MASK_ON", "False")
