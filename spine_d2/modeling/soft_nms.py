@@ -41,8 +41,9 @@ def soft_nms(
     if method not in SOFT_NMS_METHODS:
         raise ValueError(f"SPINE.NMS.METHOD must be one of {SOFT_NMS_METHODS}, not {method!r}")
     n = len(scores)
+    none = torch.zeros(0, dtype=torch.long, device=scores.device), scores.new_zeros(0)
     if n == 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device), scores.new_zeros(0)
+        return none
     iou = pairwise_iou(Boxes(boxes), Boxes(boxes))
     iou = iou * (classes[:, None] == classes[None, :])  # other classes never suppress
     current = scores.clone().float()
@@ -63,6 +64,8 @@ def soft_nms(
             current = torch.where(overlap > iou_thresh, current * (1 - overlap), current)
         else:
             current = current * torch.exp(-(overlap**2) / sigma)
+    if not picked:
+        return none
     keep = torch.as_tensor(picked, dtype=torch.long, device=scores.device)
     new_scores = torch.stack(picked_scores).to(scores.dtype)
     return keep, new_scores

@@ -46,6 +46,8 @@ def test_each_rule_rescores_the_overlapping_box_as_computed_by_hand():
         torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), "linear", 0.5, 0.5, 0
     )
     assert len(keep) == len(scores) == 0
+    keep, scores = _run("linear", score_thresh=0.95)  # nothing reaches the threshold
+    assert len(keep) == len(scores) == 0
 
 
 def test_linear_rule_at_0_5_keeps_hard_nms_detections_above_0_5_exactly():
