@@ -14,6 +14,7 @@ from ..config import add_spine_config
 from ..data.datasets import register_from_config
 from ..errors import SpineError
 from ..modeling.levels import LevelPrior
+from ..modeling.soft_nms import SOFT_NMS_METHODS
 
 __all__ = ["build_config", "setup"]
 
@@ -62,6 +63,14 @@ def build_config(config_file: str, opts=()):
                 "SPINE.LEVEL_HEAD.PRIOR_FILE is empty"
             )
         LevelPrior.load(head.PRIOR_FILE)  # a bad prior fails here, before any model is built
+    nms = cfg.SPINE.NMS
+    if nms.METHOD not in SOFT_NMS_METHODS or not nms.SIGMA > 0:
+        raise SpineError(
+            f"{config_file}: SPINE.NMS.METHOD must be one of {', '.join(SOFT_NMS_METHODS)} and "
+            f"SPINE.NMS.SIGMA > 0, got {nms.METHOD!r} and {nms.SIGMA}"
+        )
+    if cfg.SPINE.MASK_RESCORE and not cfg.MODEL.MASK_ON:
+        raise SpineError(f"{config_file}: SPINE.MASK_RESCORE needs MODEL.MASK_ON True")
     register_from_config(cfg)
     cfg.freeze()
     return cfg

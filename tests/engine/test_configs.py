@@ -56,6 +56,26 @@ def test_bad_user_dataset_entry_and_channel_mismatch_are_clear_errors():
         build_config(config, ["SPINE.LEVEL_HEAD.SPACING_WEIGHT", "-1.0"])
 
 
+def test_bad_nms_and_rescore_settings_are_clear_errors():
+    from spine_d2.errors import SpineError
+
+    config = "configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml"
+    cfg = build_config(config)
+    assert cfg.SPINE.NMS.METHOD == "linear" and cfg.SPINE.MASK_RESCORE
+    for opts, got in (
+        (["SPINE.NMS.METHOD", "soft"], "'soft' and 0.5"),
+        (["SPINE.NMS.METHOD", "gaussian", "SPINE.NMS.SIGMA", "0.0"], "'gaussian' and 0.0"),
+    ):
+        with pytest.raises(
+            SpineError,
+            match=f"drr_cpu.yaml: SPINE.NMS.METHOD must be one of hard, linear, "
+            f"gaussian and SPINE.NMS.SIGMA > 0, got {got}",
+        ):
+            build_config(config, opts)
+    with pytest.raises(SpineError, match="drr_cpu.yaml: SPINE.MASK_RESCORE needs MODEL.MASK_ON"):
+        build_config(config, ["MODEL.MASK_ON", "False"])
+
+
 def test_bad_equalize_settings_are_clear_errors():
     from spine_d2.errors import SpineError
 
