@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch
+from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
 __all__ = ["SOFT_NMS_METHODS", "soft_nms", "soft_nms_inference"]
@@ -44,6 +45,10 @@ def soft_nms(
     none = torch.zeros(0, dtype=torch.long, device=scores.device), scores.new_zeros(0)
     if n == 0:
         return none
+    if method == "hard":  # detectron2's own NMS, not a copy of it
+        keep = batched_nms(boxes, scores, classes, iou_thresh)
+        keep = keep[scores[keep] >= score_thresh]
+        return (keep, scores[keep]) if len(keep) else none
     iou = pairwise_iou(Boxes(boxes), Boxes(boxes))
     iou = iou * (classes[:, None] == classes[None, :])  # other classes never suppress
     current = scores.clone().float()
@@ -58,9 +63,7 @@ def soft_nms(
         picked_scores.append(current[i].clone())
         alive[i] = False
         overlap = iou[i]
-        if method == "hard":
-            alive &= overlap <= iou_thresh
-        elif method == "linear":
+        if method == "linear":
             current = torch.where(overlap > iou_thresh, current * (1 - overlap), current)
         else:
             current = current * torch.exp(-(overlap**2) / sigma)
