@@ -106,16 +106,17 @@ enhance: $(VENV)/.installed  ## enhance every low-dose scan of ENHANCE_PAIRS wit
 	@test -f $(ENHANCE_MANIFEST) || { echo "No export manifest at $(ENHANCE_MANIFEST): run 'make export' first."; exit 1; }
 	$(PY) tools/enhance_scan.py --pairs $(ENHANCE_PAIRS) --out $(ENHANCE_OUTPUT) --low-manifest $(ENHANCE_MANIFEST) --high-manifest $(ENHANCE_MANIFEST)
 
-# The shipped checkpoint: the CPU recipe on the default built-in data in seven cosine cycles
-# (stage 2 widens the mask head, stage 5 trains at larger inputs; configs/pretrain/), resumable
+# The shipped checkpoint: the CPU recipe on the default built-in data in eleven cosine cycles
+# (stage 2 widens the mask head, stage 5 trains at larger inputs, stages 8-11 weigh the
+# fragments the scans cut x3 in the losses; configs/pretrain/), resumable
 # (re-run after an interruption), evaluated as fp16 with its own config, packaged into weights/.
 PRETRAIN_DIR ?= output/pretrained_r18
 WEIGHTS_OUT ?= weights/spine_mask_rcnn_R_18_FPN_drr.pth
-PRETRAIN_STAGES := 1 2 3 4 5 6 7
+PRETRAIN_STAGES := 1 2 3 4 5 6 7 8 9 10 11
 pretrain_config = configs/pretrain/spine_mask_rcnn_R_18_FPN_drr_stage$(1)_cpu.yaml
 pretrain_dir = $(PRETRAIN_DIR)$(if $(filter 1,$(1)),,_stage$(1))
 PRETRAIN_PACK = $(foreach n,$(PRETRAIN_STAGES),--train-dir $(call pretrain_dir,$(n)) --config-file $(call pretrain_config,$(n)))
-train-pretrained: $(VENV)/.installed  ## train (seven stages), evaluate and package the shipped checkpoint (~8 h on 2 cores)
+train-pretrained: $(VENV)/.installed  ## train (eleven stages), evaluate and package the shipped checkpoint (~11.5 h on 2 cores)
 	@test -f $(DETECTRON2_DATASETS)/spine_drr/train.json || { echo "The built-in dataset is missing: run 'make data' first."; exit 1; }
 	$(PY) tools/train_net.py --config-file $(call pretrain_config,1) --resume OUTPUT_DIR $(PRETRAIN_DIR)
 	@prev=$(PRETRAIN_DIR); for n in $(wordlist 2,99,$(PRETRAIN_STAGES)); do \

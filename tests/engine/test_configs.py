@@ -62,6 +62,10 @@ def test_bad_nms_and_rescore_settings_are_clear_errors():
     config = "configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml"
     cfg = build_config(config)
     assert cfg.SPINE.NMS.METHOD == "linear" and cfg.SPINE.MASK_RESCORE
+    # Rescoring pivots on the level head's cut: the evaluator and the export must count from the
+    # same score, or rescoring moves detections across their cut.
+    cuts = (cfg.SPINE.LEVEL_HEAD.SCORE_THRESH, cfg.SPINE.EVAL.SCORE_THRESH, cfg.ZOI.SCORE_THRESH)
+    assert cuts == (0.65, 0.65, 0.65)
     for opts, got in (
         (["SPINE.NMS.METHOD", "soft"], "'soft' and 0.5"),
         (["SPINE.NMS.METHOD", "gaussian", "SPINE.NMS.SIGMA", "0.0"], "'gaussian' and 0.0"),
