@@ -56,16 +56,22 @@ def test_bad_user_dataset_entry_and_channel_mismatch_are_clear_errors():
         build_config(config, ["SPINE.LEVEL_HEAD.SPACING_WEIGHT", "-1.0"])
 
 
+def test_shipped_config_counts_detections_from_one_cut():
+    # Rescoring pivots on the level head's cut: the evaluator and the export must count from the
+    # same score, or rescoring moves detections across their cut. 0.65 is v6's val-chosen point.
+    cfg = build_config("configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml")
+    cuts = (cfg.SPINE.LEVEL_HEAD.SCORE_THRESH, cfg.SPINE.EVAL.SCORE_THRESH, cfg.ZOI.SCORE_THRESH)
+    assert cuts == (0.65, 0.65, 0.65)
+    demo = build_config("configs/demo/spine_mask_rcnn_R_18_FPN_demo_finetune.yaml")
+    assert demo.SPINE.EVAL.SCORE_THRESH == demo.SPINE.LEVEL_HEAD.SCORE_THRESH == 0.65
+
+
 def test_bad_nms_and_rescore_settings_are_clear_errors():
     from spine_d2.errors import SpineError
 
     config = "configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml"
     cfg = build_config(config)
     assert cfg.SPINE.NMS.METHOD == "linear" and cfg.SPINE.MASK_RESCORE
-    # Rescoring pivots on the level head's cut: the evaluator and the export must count from the
-    # same score, or rescoring moves detections across their cut.
-    cuts = (cfg.SPINE.LEVEL_HEAD.SCORE_THRESH, cfg.SPINE.EVAL.SCORE_THRESH, cfg.ZOI.SCORE_THRESH)
-    assert cuts == (0.65, 0.65, 0.65)
     for opts, got in (
         (["SPINE.NMS.METHOD", "soft"], "'soft' and 0.5"),
         (["SPINE.NMS.METHOD", "gaussian", "SPINE.NMS.SIGMA", "0.0"], "'gaussian' and 0.0"),
