@@ -43,9 +43,12 @@ AASCE_SRC ?= ../shared/data/aasce
 # The default for real data: the shipped DRR checkpoint fine-tuned on the films (the study's
 # arm c'''), then cosine cycles of 3600 iterations, each from the last one's final model
 # (README, "The real-data default"); stage 5 weighs T1 and L5 up in the losses (README, Results).
-# Each stage resumes where it stopped.
+# Each stage resumes where it stopped. AASCE_STAGES="1 short2 short3" runs the shorter recipe on
+# trial (about 2.3 h; README, "Real radiographs"): a number k names ..._drr_stagek_cpu.yaml, a
+# word w ..._drr_w_cpu.yaml.
 AASCE_STAGES ?= 1 2 3 4 5
-AASCE_CHAIN = $(foreach s,$(AASCE_STAGES),configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage$(s)_cpu.yaml)
+aasce_stage = configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_$(if $(filter short%,$(1)),$(1),stage$(1))_cpu.yaml
+AASCE_CHAIN = $(foreach s,$(AASCE_STAGES),$(call aasce_stage,$(s)))
 AASCE_CONFIG = $(lastword $(AASCE_CHAIN))
 AASCE_DIR = $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(AASCE_CONFIG) | tail -1)
 data-aasce: $(VENV)/.installed  ## convert AASCE_SRC to COCO under $DETECTRON2_DATASETS/spine_aasce (split by patient)

@@ -12,7 +12,11 @@ from spine_d2.engine import build_config
 
 TRAINING_TARGETS = ("train-aasce", "train-aasce-gpu", "study-aasce", "train-pretrained")
 AASCE_CHAIN = [
-    f"configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage{k}_cpu.yaml" for k in (1, 2, 3, 4)
+    f"configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage{k}_cpu.yaml" for k in (1, 2, 3, 4, 5)
+]
+# The shorter recipe on trial (make train-aasce AASCE_STAGES="1 short2 short3")
+AASCE_SHORT_CHAIN = [AASCE_CHAIN[0]] + [
+    f"configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_{s}_cpu.yaml" for s in ("short2", "short3")
 ]
 # The stages make train-pretrained runs, as the Makefile lists them.
 _STAGES = re.search(
@@ -36,7 +40,11 @@ def test_make_training_targets_name_existing_configs(target):
     assert not missing, f"make {target} names missing configs: {missing}"
 
 
-@pytest.mark.parametrize("chain", [AASCE_CHAIN, PRETRAIN_CHAIN], ids=["aasce", "pretrain"])
+@pytest.mark.parametrize(
+    "chain",
+    [AASCE_CHAIN, AASCE_SHORT_CHAIN, PRETRAIN_CHAIN],
+    ids=["aasce", "aasce-short", "pretrain"],
+)
 def test_each_stage_starts_from_the_previous_stage(chain):
     cfgs = [build_config(c) for c in chain]
     for prev, cur, name in zip(cfgs, cfgs[1:], chain[1:]):
@@ -48,3 +56,13 @@ def test_real_data_recipes_start_from_the_shipped_checkpoint():
     for config in (AASCE_CHAIN[0], "configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_gpu.yaml"):
         weights = build_config(config).MODEL.WEIGHTS
         assert weights == "weights/spine_mask_rcnn_R_18_FPN_drr.pth" and Path(weights).is_file()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_train_aasce_runs_the_stages_it_is_given_in_order():
+    for stages, chain in (("1 2 3 4 5", AASCE_CHAIN), ("1 short2 short3", AASCE_SHORT_CHAIN)):
+        out = subprocess.run(
+            ["make", "-n", "train-aasce", f"AASCE_STAGES={stages}"],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+        assert re.findall(r"configs/aasce/[^\s;]+\.yaml", out) == chain, stages
