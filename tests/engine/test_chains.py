@@ -14,7 +14,7 @@ TRAINING_TARGETS = ("train-aasce", "train-aasce-gpu", "study-aasce", "train-pret
 AASCE_CHAIN = [
     f"configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage{k}_cpu.yaml" for k in (1, 2, 3, 4, 5)
 ]
-# The shorter recipe on trial (make train-aasce AASCE_STAGES="1 short2 short3")
+# The shorter recipe (AASCE_STAGES="1 short2") and the third stage tried on it
 AASCE_SHORT_CHAIN = [AASCE_CHAIN[0]] + [
     f"configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_{s}_cpu.yaml" for s in ("short2", "short3")
 ]
