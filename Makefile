@@ -45,13 +45,14 @@ AASCE_SRC ?= ../shared/data/aasce
 # (README, "The real-data default"); stage 5 weighs T1 and L5 up in the losses (README, Results).
 # Each stage resumes where it stopped. AASCE_STAGES="1 short2" runs the shorter recipe (about
 # 1.8 h, within 0.01 of the default on the targets, 3.5 segm AP under it; "1 short2 short3" adds a
-# cycle that did not help; README, "Real radiographs"): a number k names ..._drr_stagek_cpu.yaml,
-# a word w ..._drr_w_cpu.yaml.
+# cycle that did not help; README, "Real radiographs"): a word w names ..._drr_w_cpu.yaml where
+# that exists, anything else (a number k) ..._drr_stagek_cpu.yaml.
 AASCE_STAGES ?= 1 2 3 4 5
-aasce_stage = configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_$(if $(filter short%,$(1)),$(1),stage$(1))_cpu.yaml
+aasce_cfg = configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_$(1)_cpu.yaml
+aasce_stage = $(call aasce_cfg,$(if $(wildcard $(call aasce_cfg,$(1))),$(1),stage$(1)))
 AASCE_CHAIN = $(foreach s,$(AASCE_STAGES),$(call aasce_stage,$(s)))
 AASCE_CONFIG = $(lastword $(AASCE_CHAIN))
-AASCE_DIR = $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(AASCE_CONFIG) | tail -1)
+AASCE_DIR = $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(AASCE_CONFIG) 2>/dev/null | tail -1)
 data-aasce: $(VENV)/.installed  ## convert AASCE_SRC to COCO under $DETECTRON2_DATASETS/spine_aasce (split by patient)
 	$(PY) datasets/prepare_aasce.py --src $(AASCE_SRC)
 
@@ -59,6 +60,7 @@ level-prior-aasce: $(VENV)/.installed  ## refit the level decoder's framing prio
 	$(PY) tools/fit_level_prior.py --dataset spine_aasce_train --out configs/aasce/level_prior_aasce_train.json
 
 train-aasce: $(VENV)/.installed  ## the real-data default: train on spine_aasce_train, evaluate on spine_aasce_val (~5-7 h)
+	@for cfg in $(AASCE_CHAIN); do test -f $$cfg || { echo "AASCE_STAGES=\"$(AASCE_STAGES)\": $$cfg: no such config"; exit 1; }; done
 	@test -f $(DETECTRON2_DATASETS)/spine_aasce/train.json || { echo "The AASCE dataset is missing: run 'make data-aasce' first."; exit 1; }
 	@for cfg in $(AASCE_CHAIN); do \
 	  echo "== $$cfg"; $(PY) tools/train_net.py --config-file $$cfg --resume || exit 1; done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from detectron2.config import get_cfg
@@ -26,6 +27,8 @@ def build_config(config_file: str, opts=()):
     here when no GPU is present, so one config runs on both without the user touching it.
     Datasets named in ``SPINE.COCO_DATASETS`` are registered before anything looks them up.
     """
+    if not os.path.isfile(config_file):  # detectron2 asserts, with a traceback
+        raise SpineError(f"{config_file}: no such config")
     cfg = get_cfg()
     add_spine_config(cfg)
     cfg.merge_from_file(config_file)

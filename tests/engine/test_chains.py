@@ -65,4 +65,17 @@ def test_make_train_aasce_runs_the_stages_it_is_given_in_order():
             ["make", "-n", "train-aasce", f"AASCE_STAGES={stages}"],
             capture_output=True, text=True, check=True, timeout=60,
         ).stdout  # fmt: skip
-        assert re.findall(r"configs/aasce/[^\s;]+\.yaml", out) == chain, stages
+        trained = re.findall(r"for cfg in ([^;]+); do", out)[-1].split()  # the training loop
+        assert trained == chain, stages
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_train_aasce_refuses_an_unknown_stage_before_training():
+    # -o: never (re)build the venv here; the check must fire before stage 1 trains for an hour
+    run = subprocess.run(
+        ["make", "-o", ".venv/.installed", "train-aasce", "AASCE_STAGES=1 short9"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "aasce_drr_stageshort9_cpu.yaml: no such config" in run.stdout
+    assert "== configs" not in run.stdout  # no stage started

@@ -1,5 +1,6 @@
 """Configs are code: every YAML under configs/ loads through the same setup path."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,14 @@ def test_bad_user_dataset_entry_and_channel_mismatch_are_clear_errors():
         SpineError, match=r"instant_test.yaml: SPINE.LEVEL_HEAD.SPACING_WEIGHT is -1"
     ):
         build_config(config, ["SPINE.LEVEL_HEAD.SPACING_WEIGHT", "-1.0"])
+
+
+def test_missing_config_file_is_a_one_line_error(tmp_path):
+    from spine_d2.errors import SpineError
+
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(SpineError, match=f"^{re.escape(missing)}: no such config$"):
+        build_config(missing)
 
 
 def test_shipped_config_counts_detections_from_one_cut():
