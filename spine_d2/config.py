@@ -107,6 +107,9 @@ def add_spine_config(cfg):
     # mask touching the augmented scan's border): a fragment weighs this much (times its
     # level's weight). The built-in DRR checkpoint misses fragments, not whole vertebrae. 1 = off
     _C.SPINE.LEVEL_HEAD.TRUNCATED_WEIGHT = 1.0
+    # [first, last] level names: only detections whose decoded level lies in this range are
+    # output (films annotated T1..L5 show C7 and S1 too); [] = every detection
+    _C.SPINE.LEVEL_HEAD.OUTPUT_RANGE = []
     # Chain rescue (modeling/rescue.py): on films that show EXPECTED vertebrae (17 on full-spine
     # AP films, T1..L5), detections scored MIN_SCORE..SCORE_THRESH that fill a gap of the chain
     # or extend one of its ends are accepted with the confident ones (``pred_rescued``; the

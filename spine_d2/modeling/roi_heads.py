@@ -100,6 +100,7 @@ class LevelROIHeads(StandardROIHeads):
         nms_method: str = "hard",
         nms_sigma: float = 0.5,
         mask_rescore: bool = False,
+        output_range: Sequence[str] = (),
         **kwargs,
     ):
         """
@@ -124,6 +125,9 @@ class LevelROIHeads(StandardROIHeads):
                 and mask losses (1 for the others); empty = detectron2's losses unchanged.
             truncated_weight: the same for proposals matched to a vertebra cut by the border
                 (``gt_truncated``), times its level's weight; 1 = unchanged.
+            output_range: (first, last) level names: detections whose level (decoded, or the
+                branch's own for those under the cut) lies outside are left out of the output,
+                e.g. C7 and S1 on films annotated T1..L5; empty = every detection.
             kwargs: StandardROIHeads' arguments.
         """
         super().__init__(**kwargs)
@@ -181,6 +185,7 @@ class LevelROIHeads(StandardROIHeads):
         if mask_rescore and not self.mask_on:
             raise ValueError("SPINE.MASK_RESCORE needs a mask head (MODEL.MASK_ON True)")
         self.mask_rescore = bool(mask_rescore)
+        self.output_range = self._parse_output_range(output_range, self.level_names)
         if self._weighted:
             loss_type = getattr(self.box_predictor, "box_reg_loss_type", "smooth_l1")
             if loss_type != "smooth_l1":
@@ -221,8 +226,28 @@ class LevelROIHeads(StandardROIHeads):
             nms_method=cfg.SPINE.NMS.METHOD,
             nms_sigma=cfg.SPINE.NMS.SIGMA,
             mask_rescore=cfg.SPINE.MASK_RESCORE,
+            output_range=list(head.OUTPUT_RANGE),
         )
         return ret
+
+    @staticmethod
+    def _parse_output_range(output_range, level_names) -> Optional[tuple]:
+        """(first, last) level indices of SPINE.LEVEL_HEAD.OUTPUT_RANGE, or None when empty."""
+        if not output_range:
+            return None
+        names = list(level_names)
+        bad = [n for n in output_range if n not in names]
+        if len(output_range) != 2 or bad:
+            raise ValueError(
+                "SPINE.LEVEL_HEAD.OUTPUT_RANGE must be [] or [first, last], two of SPINE.LEVELS, "
+                f"not {list(output_range)}"
+            )
+        first, last = names.index(output_range[0]), names.index(output_range[1])
+        if first > last:
+            raise ValueError(
+                f"SPINE.LEVEL_HEAD.OUTPUT_RANGE: {output_range[0]} comes after {output_range[1]}"
+            )
+        return first, last
 
     @staticmethod
     def _parse_instance_weights(pairs, level_names, num_levels) -> Optional[torch.Tensor]:
@@ -279,7 +304,14 @@ class LevelROIHeads(StandardROIHeads):
         per_image = level_logits.split([len(p) for p in proposals])
         for inst, idx, logits in zip(pred_instances, kept, per_image):
             self._label_levels(inst, logits[idx])
-        return pred_instances
+        return [self._in_output_range(inst) for inst in pred_instances]
+
+    def _in_output_range(self, inst: Instances) -> Instances:
+        """The detections named within SPINE.LEVEL_HEAD.OUTPUT_RANGE (all when it is off)."""
+        if self.output_range is None:
+            return inst
+        first, last = self.output_range
+        return inst[(inst.pred_levels >= first) & (inst.pred_levels <= last)]
 
     def _inference(self, predictions, proposals: List[Instances]):
         """The box predictor's inference, with soft NMS when SPINE.NMS.METHOD asks for it."""

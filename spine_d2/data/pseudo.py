@@ -1,0 +1,167 @@
+"""Pseudo-labels for the vertebrae just outside a dataset's annotated range: C7 above T1, S1
+below L5 on the AASCE films.
+
+Why: full-spine AP films show C7 and S1 but AASCE annotates T1..L5 only, so a model fine-tuned
+on them learns that C7 and S1 are background and has no name for them. When it finds one anyway
+(it looks like any vertebral body), the level branch calls it T1 (or L5) and every level of the
+film slides by one: the largest share of the real-data level errors (README, "Real
+radiographs"). A model's own detections just above the top annotated body and just below the
+bottom one, one spacing away along the spine and overlapping no annotation, are those
+vertebrae. Added under the next level's name and flagged ``pseudo``, they teach the detector
+that C7 and S1 are vertebral bodies and the level branch what to call them; at inference
+``SPINE.LEVEL_HEAD.OUTPUT_RANGE`` leaves them out of the output when only T1..L5 are wanted.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter, defaultdict
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+
+from ..config import VERTEBRA_LEVELS
+from ..errors import DatasetError
+from .datasets import _level_of
+
+__all__ = ["label_end_vertebrae"]
+
+
+def _centre(bbox) -> np.ndarray:
+    x, y, w, h = (float(v) for v in bbox)
+    return np.array([x + w / 2, y + h / 2])
+
+
+def _annotation_rles(anns, height, width):
+    rles = []
+    for a in anns:
+        segm = a.get("segmentation")
+        if isinstance(segm, list) and segm:
+            rles.append(mask_util.merge(mask_util.frPyObjects(segm, height, width)))
+        else:  # RLE or none: the box stands in, as in the evaluator
+            rles.append(mask_util.frPyObjects([list(map(float, a["bbox"]))], height, width)[0])
+    return rles
+
+
+def _polygon(rle) -> list:
+    """The outline of a detection's mask (its largest part) as one COCO polygon, [] if none."""
+    mask = np.ascontiguousarray(mask_util.decode(rle))
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return []
+    outline = cv2.approxPolyDP(max(contours, key=cv2.contourArea), 1.0, True).reshape(-1, 2)
+    return outline.astype(float).flatten().tolist() if len(outline) >= 3 else []
+
+
+def _pick(candidates, anchor, inward, step, max_steps, max_across):
+    """The detection nearest ``anchor`` on the far side from ``inward`` (the next annotated
+    body), between half a spacing and ``max_steps`` spacings away, near the spine's line."""
+    axis = (anchor - inward) / step  # unit vector pointing out of the annotated range
+    best = None
+    for det, centre in candidates:
+        offset = centre - anchor
+        along = float(offset @ axis) / step
+        across = abs(float(offset[0] * axis[1] - offset[1] * axis[0])) / step
+        if 0.5 < along < max_steps and across < max_across and (best is None or along < best[0]):
+            best = (along, det)
+    return None if best is None else best[1]
+
+
+def label_end_vertebrae(
+    coco: dict,
+    detections: list,
+    levels=VERTEBRA_LEVELS,
+    min_score: float = 0.2,
+    max_steps: float = 1.6,
+    max_across: float = 0.75,
+    max_iou: float = 0.2,
+    source: str = "detections",
+) -> tuple:
+    """A copy of ``coco`` with one pseudo-labelled vertebra added per film and end where the
+    detections hold one, and the counts by level.
+
+    Args:
+        coco: a COCO instance dataset whose annotations carry levels (``attributes.level``).
+        detections: COCO results (``coco_instances_results.json`` of an evaluation on that
+            dataset): ``image_id``, ``category_id``, ``bbox``, ``score``, ``segmentation`` (RLE
+            at the film's size).
+        levels: all level names, top to bottom; the level above the film's top annotated one
+            and the one below its bottom one are what the pseudo-labels are called.
+        min_score: detections under this score are not considered.
+        max_steps, max_across: how far beyond the end body (along the spine) and off the
+            spine's line (across), in spacings of the two end bodies, a candidate may lie.
+        max_iou: a candidate overlapping any annotation by more mask IoU is not a new vertebra.
+        source: what ``detections`` came from, for error messages.
+    """
+    levels = list(levels)
+    rank = {name: i for i, name in enumerate(levels)}
+    images = {img["id"]: img for img in coco.get("images", [])}
+    anns_by_image = defaultdict(list)
+    for ann in coco.get("annotations", []):
+        anns_by_image[ann["image_id"]].append(ann)
+    dets_by_image = defaultdict(list)
+    for det in detections:
+        if not isinstance(det, dict) or "segmentation" not in det or "image_id" not in det:
+            raise DatasetError(source, "every detection needs image_id and a segmentation")
+        if det["image_id"] in images and float(det.get("score", 0.0)) >= min_score:
+            dets_by_image[det["image_id"]].append(det)
+
+    out = copy.deepcopy(coco)
+    next_id = max((a["id"] for a in coco.get("annotations", [])), default=0) + 1
+    counts = Counter()
+    for image_id, img in images.items():
+        ranked = sorted(
+            (rank[str(_level_of(a))], a)
+            for a in anns_by_image[image_id]
+            if not a.get("iscrowd", 0) and str(_level_of(a)) in rank
+        )
+        dets = dets_by_image.get(image_id)
+        if len(ranked) < 2 or not dets:
+            continue
+        h, w = int(img["height"]), int(img["width"])
+        for det in dets:
+            if tuple(det["segmentation"].get("size", ())) != (h, w):
+                raise DatasetError(
+                    source,
+                    f"image {image_id}: detection mask is {det['segmentation'].get('size')}, "
+                    f"the film is {[h, w]}",
+                )
+        gt_rles = _annotation_rles([a for _, a in ranked], h, w)
+        ious = np.asarray(mask_util.iou([d["segmentation"] for d in dets], gt_rles,
+                                        [0] * len(gt_rles)))  # fmt: skip
+        free = [(d, _centre(d["bbox"])) for d, row in zip(dets, ious) if row.max() <= max_iou]
+        ends = (
+            (ranked[0], ranked[1], ranked[0][0] - 1),  # above the top one
+            (ranked[-1], ranked[-2], ranked[-1][0] + 1),  # below the bottom one
+        )
+        for (_, end), (_, inner), new_rank in ends:
+            if not 0 <= new_rank < len(levels):
+                continue
+            anchor, inward = _centre(end["bbox"]), _centre(inner["bbox"])
+            step = float(np.linalg.norm(anchor - inward))
+            if step <= 0:
+                continue
+            same_class = [(d, c) for d, c in free if d["category_id"] == end["category_id"]]
+            det = _pick(same_class, anchor, inward, step, max_steps, max_across)
+            poly = _polygon(det["segmentation"]) if det is not None else []
+            if not poly:
+                continue
+            xs, ys = poly[0::2], poly[1::2]
+            pts = np.array([xs, ys], dtype=np.float32).T
+            out["annotations"].append(
+                {
+                    "id": next_id,
+                    "image_id": image_id,
+                    "category_id": end["category_id"],
+                    "segmentation": [poly],
+                    "area": float(cv2.contourArea(pts)),
+                    "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                    "iscrowd": 0,
+                    "attributes": {"level": levels[new_rank], "pseudo": True},
+                }
+            )
+            next_id += 1
+            counts[levels[new_rank]] += 1
+            free = [(d, c) for d, c in free if d is not det]
+    return out, dict(sorted(counts.items(), key=lambda kv: rank[kv[0]]))

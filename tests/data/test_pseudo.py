@@ -1,0 +1,120 @@
+"""Pseudo-labels for the end vertebrae outside the annotated range (spine_d2.data.pseudo) and
+its tool, on a hand-made 128 x 128 film."""
+
+import copy
+import json
+import sys
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+
+from spine_d2.data.pseudo import label_end_vertebrae
+from spine_d2.errors import DatasetError
+
+H = W = 128
+
+
+def _quad(cx, cy, w=24, h=12):
+    x0, y0 = cx - w / 2, cy - h / 2
+    return [x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]
+
+
+def _film():
+    """T1..T3 annotated 20 px apart at x 64, y 44 / 64 / 84."""
+    anns = []
+    for k, level in enumerate(["T1", "T2", "T3"]):
+        poly = _quad(64, 44 + 20 * k)
+        anns.append(
+            {"id": k + 1, "image_id": 7, "category_id": 1, "segmentation": [poly],
+             "area": 288.0, "bbox": [52.0, 38.0 + 20 * k, 24.0, 12.0], "iscrowd": 0,
+             "attributes": {"level": level}}  # fmt: skip
+        )
+    images = [{"id": 7, "file_name": "film.png", "width": W, "height": H}]
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "vb"}]}
+
+
+def _det(cx, cy, score, w=24, h=12):
+    rle = mask_util.merge(mask_util.frPyObjects([_quad(cx, cy, w, h)], H, W))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return {"image_id": 7, "category_id": 1, "bbox": [cx - w / 2, cy - h / 2, w, h],
+            "score": score, "segmentation": rle}  # fmt: skip
+
+
+def _detections():
+    return [
+        _det(64, 44, 0.95),  # T1 itself: overlaps its annotation, not a new vertebra
+        _det(65, 24, 0.6),  # one spacing above T1: C7
+        _det(64, 6, 0.9),  # two spacings above: beyond max_steps (C6 is not labelled)
+        _det(110, 24, 0.9),  # level with C7 but far off the spine's line
+        _det(63, 104, 0.3),  # one spacing below T3: T4
+        _det(64, 124, 0.1, h=6),  # further down, under min_score
+    ]
+
+
+def test_the_next_vertebra_beyond_each_end_is_added_and_named():
+    coco = _film()
+    before = copy.deepcopy(coco)
+    out, counts = label_end_vertebrae(coco, _detections())
+    assert coco == before  # the input is left as it was
+    assert counts == {"C7": 1, "T4": 1}
+    added = out["annotations"][3:]
+    assert [a["attributes"] for a in added] == [
+        {"level": "C7", "pseudo": True},
+        {"level": "T4", "pseudo": True},
+    ]
+    assert [a["id"] for a in added] == [4, 5]
+    c7_box = np.array(added[0]["bbox"])
+    assert abs(c7_box[0] + c7_box[2] / 2 - 65) < 1.5 and abs(c7_box[1] + c7_box[3] / 2 - 24) < 1.5
+    assert added[0]["area"] == pytest.approx(288, rel=0.15)
+    # a stricter score floor leaves the T4 candidate (0.3) out
+    assert label_end_vertebrae(coco, _detections(), min_score=0.5)[1] == {"C7": 1}
+
+
+def test_nothing_is_added_without_room_or_candidates():
+    coco = _film()
+    # the top annotated level is the first of all levels: no name above it
+    levels = ["T1", "T2", "T3", "T4"]
+    assert label_end_vertebrae(coco, _detections(), levels=levels)[1] == {"T4": 1}
+    assert label_end_vertebrae(coco, [])[1] == {}
+    one = copy.deepcopy(coco)
+    one["annotations"] = one["annotations"][:1]  # one body: no spacing to go by
+    assert label_end_vertebrae(one, _detections())[1] == {}
+
+
+def test_a_mask_of_another_size_names_the_source():
+    det = _det(65, 24, 0.6)
+    det["segmentation"]["size"] = [64, 64]
+    with pytest.raises(DatasetError, match=r"^dets.json: image 7: detection mask is \[64, 64\]"):
+        label_end_vertebrae(_film(), [det], source="dets.json")
+    with pytest.raises(DatasetError, match="needs image_id and a segmentation"):
+        label_end_vertebrae(_film(), [{"image_id": 7}], source="dets.json")
+
+
+def test_tool_writes_a_new_file_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, "tools")
+    try:
+        import label_end_vertebrae as tool
+    finally:
+        sys.path.remove("tools")
+    coco, dets = tmp_path / "train.json", tmp_path / "dets.json"
+    coco.write_text(json.dumps(_film()))
+    dets.write_text(json.dumps(_detections()))
+    out = tmp_path / "ends" / "train.json"
+    assert tool.main(["--coco", str(coco), "--detections", str(dets), "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert len(written["annotations"]) == 5
+    assert written["info"]["pseudo_labels"]["counts"] == {"C7": 1, "T4": 1}
+    assert not list(out.parent.glob("*.tmp"))
+    assert json.loads(coco.read_text()) == _film()
+
+    assert tool.main(["--coco", str(coco), "--detections", str(dets), "--out", str(coco)]) == 1
+    assert "would overwrite an input" in capsys.readouterr().err
+    assert json.loads(coco.read_text()) == _film()
+    dets.write_text("{not json")
+    assert tool.main(["--coco", str(coco), "--detections", str(dets), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {dets}: detections file is not readable JSON")
+        and err.count("\n") == 1
+    )
