@@ -37,9 +37,13 @@ def _annotation_rles(anns, height, width):
     rles = []
     for a in anns:
         segm = a.get("segmentation")
-        if isinstance(segm, list) and segm:
+        if isinstance(segm, list) and segm:  # polygons
             rles.append(mask_util.merge(mask_util.frPyObjects(segm, height, width)))
-        else:  # RLE or none: the box stands in, as in the evaluator
+        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):  # uncompressed RLE
+            rles.append(mask_util.frPyObjects(segm, height, width))
+        elif isinstance(segm, dict):  # compressed RLE
+            rles.append(segm)
+        else:  # none: the box stands in, as in the evaluator
             rles.append(mask_util.frPyObjects([list(map(float, a["bbox"]))], height, width)[0])
     return rles
 
@@ -57,7 +61,7 @@ def _polygon(rle) -> list:
 def _pick(candidates, anchor, inward, step, max_steps, max_across):
     """The detection nearest ``anchor`` on the far side from ``inward`` (the next annotated
     body), between half a spacing and ``max_steps`` spacings away, near the spine's line."""
-    axis = (anchor - inward) / step  # unit vector pointing out of the annotated range
+    axis = (anchor - inward) / np.linalg.norm(anchor - inward)  # out of the annotated range
     best = None
     for det, centre in candidates:
         offset = centre - anchor
@@ -112,9 +116,12 @@ def label_end_vertebrae(
     counts = Counter()
     for image_id, img in images.items():
         ranked = sorted(
-            (rank[str(_level_of(a))], a)
-            for a in anns_by_image[image_id]
-            if not a.get("iscrowd", 0) and str(_level_of(a)) in rank
+            (
+                (rank[str(_level_of(a))], a)
+                for a in anns_by_image[image_id]
+                if not a.get("iscrowd", 0) and str(_level_of(a)) in rank
+            ),
+            key=lambda pair: pair[0],
         )
         dets = dets_by_image.get(image_id)
         if len(ranked) < 2 or not dets:
@@ -135,11 +142,12 @@ def label_end_vertebrae(
             (ranked[0], ranked[1], ranked[0][0] - 1),  # above the top one
             (ranked[-1], ranked[-2], ranked[-1][0] + 1),  # below the bottom one
         )
-        for (_, end), (_, inner), new_rank in ends:
-            if not 0 <= new_rank < len(levels):
+        for (end_rank, end), (inner_rank, inner), new_rank in ends:
+            if not 0 <= new_rank < len(levels) or end_rank == inner_rank:
                 continue
             anchor, inward = _centre(end["bbox"]), _centre(inner["bbox"])
-            step = float(np.linalg.norm(anchor - inward))
+            # one spacing: the next annotated body may lie levels away (one missing between)
+            step = float(np.linalg.norm(anchor - inward)) / abs(end_rank - inner_rank)
             if step <= 0:
                 continue
             same_class = [(d, c) for d, c in free if d["category_id"] == end["category_id"]]

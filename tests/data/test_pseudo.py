@@ -82,6 +82,19 @@ def test_nothing_is_added_without_room_or_candidates():
     assert label_end_vertebrae(one, _detections())[1] == {}
 
 
+def test_the_spacing_is_per_level_when_a_body_between_is_unlabelled():
+    coco = _film()
+    del coco["annotations"][1]  # T2 not annotated: T1 and T3 are two spacings apart
+    assert label_end_vertebrae(coco, _detections())[1] == {"C7": 1, "T4": 1}
+    # a candidate 1.8 spacings above T1 is too far, whatever the gap below T1
+    far = [_det(64, 8, 0.9)]
+    assert label_end_vertebrae(coco, far)[1] == {}
+    assert label_end_vertebrae(coco, far, max_steps=2.0)[1] == {"C7": 1}
+    # two annotations of one level (a labelling slip) do not break the ordering
+    coco["annotations"].append(dict(coco["annotations"][0], id=9))
+    assert label_end_vertebrae(coco, _detections())[1] == {"T4": 1}
+
+
 def test_a_mask_of_another_size_names_the_source():
     det = _det(65, 24, 0.6)
     det["segmentation"]["size"] = [64, 64]
