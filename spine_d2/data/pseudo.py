@@ -33,6 +33,18 @@ def _centre(bbox) -> np.ndarray:
     return np.array([x + w / 2, y + h / 2])
 
 
+def _is_detection(det) -> bool:
+    if not isinstance(det, dict) or not {"image_id", "category_id", "score"} <= set(det):
+        return False
+    bbox, segm = det.get("bbox"), det.get("segmentation")
+    try:
+        float(det["score"])
+        ok_box = len(bbox) == 4 and all(np.isfinite(float(v)) for v in bbox)
+    except (TypeError, ValueError):
+        return False
+    return ok_box and isinstance(segm, dict) and {"size", "counts"} <= set(segm)
+
+
 def _annotation_rles(anns, height, width):
     rles = []
     for a in anns:
@@ -105,10 +117,14 @@ def label_end_vertebrae(
     for ann in coco.get("annotations", []):
         anns_by_image[ann["image_id"]].append(ann)
     dets_by_image = defaultdict(list)
-    for det in detections:
-        if not isinstance(det, dict) or "segmentation" not in det or "image_id" not in det:
-            raise DatasetError(source, "every detection needs image_id and a segmentation")
-        if det["image_id"] in images and float(det.get("score", 0.0)) >= min_score:
+    for k, det in enumerate(detections):
+        if not _is_detection(det):
+            raise DatasetError(
+                source,
+                f"detection {k} is not a COCO result with image_id, category_id, score, a "
+                "4-number bbox and an RLE segmentation (size, counts)",
+            )
+        if det["image_id"] in images and float(det["score"]) >= min_score:
             dets_by_image[det["image_id"]].append(det)
 
     out = copy.deepcopy(coco)

@@ -100,8 +100,10 @@ def test_a_mask_of_another_size_names_the_source():
     det["segmentation"]["size"] = [64, 64]
     with pytest.raises(DatasetError, match=r"^dets.json: image 7: detection mask is \[64, 64\]"):
         label_end_vertebrae(_film(), [det], source="dets.json")
-    with pytest.raises(DatasetError, match="needs image_id and a segmentation"):
-        label_end_vertebrae(_film(), [{"image_id": 7}], source="dets.json")
+    polygon = dict(_det(65, 24, 0.6), segmentation=[_quad(65, 24)])
+    for bad in ({"image_id": 7}, polygon, dict(_det(65, 24, 0.6), bbox=[1, 2, 3])):
+        with pytest.raises(DatasetError, match="^dets.json: detection 1 is not a COCO result"):
+            label_end_vertebrae(_film(), [_det(64, 44, 0.9), bad], source="dets.json")
 
 
 def test_tool_writes_a_new_file_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
