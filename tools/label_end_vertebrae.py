@@ -59,7 +59,11 @@ def main(argv=None) -> int:
         if not isinstance(detections, list):
             raise DatasetError(det_path, "not a list of COCO detections")
         labelled, counts = label_end_vertebrae(
-            coco, detections, min_score=args.min_score, source=str(det_path)
+            coco,
+            detections,
+            min_score=args.min_score,
+            source=str(det_path),
+            coco_source=str(coco_path),
         )
         labelled.setdefault("info", {})["pseudo_labels"] = {
             "source": str(coco_path),

@@ -93,6 +93,7 @@ def label_end_vertebrae(
     max_across: float = 0.75,
     max_iou: float = 0.2,
     source: str = "detections",
+    coco_source: str = "dataset",
 ) -> tuple:
     """A copy of ``coco`` with one pseudo-labelled vertebra added per film and end where the
     detections hold one, and the counts by level.
@@ -108,13 +109,26 @@ def label_end_vertebrae(
         max_steps, max_across: how far beyond the end body (along the spine) and off the
             spine's line (across), in spacings of the two end bodies, a candidate may lie.
         max_iou: a candidate overlapping any annotation by more mask IoU is not a new vertebra.
-        source: what ``detections`` came from, for error messages.
+        source, coco_source: what ``detections`` and ``coco`` came from, for error messages.
     """
     levels = list(levels)
     rank = {name: i for i, name in enumerate(levels)}
-    images = {img["id"]: img for img in coco.get("images", [])}
+    images = {}
+    for k, img in enumerate(coco.get("images", [])):
+        try:
+            images[img["id"]] = img
+            if int(img["height"]) <= 0 or int(img["width"]) <= 0:
+                raise ValueError("size")
+        except (TypeError, KeyError, ValueError):
+            raise DatasetError(
+                coco_source, f"image {k} needs an id and a positive height and width"
+            )
     anns_by_image = defaultdict(list)
-    for ann in coco.get("annotations", []):
+    for k, ann in enumerate(coco.get("annotations", [])):
+        if not isinstance(ann, dict) or not {"id", "image_id", "category_id", "bbox"} <= set(ann):
+            raise DatasetError(
+                coco_source, f"annotation {k} needs id, image_id, category_id and bbox"
+            )
         anns_by_image[ann["image_id"]].append(ann)
     dets_by_image = defaultdict(list)
     for k, det in enumerate(detections):

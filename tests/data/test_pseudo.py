@@ -106,6 +106,17 @@ def test_a_mask_of_another_size_names_the_source():
             label_end_vertebrae(_film(), [_det(64, 44, 0.9), bad], source="dets.json")
 
 
+def test_a_malformed_dataset_names_the_file():
+    coco = _film()
+    del coco["images"][0]["height"]
+    with pytest.raises(DatasetError, match="^train.json: image 0 needs an id and a positive"):
+        label_end_vertebrae(coco, _detections(), coco_source="train.json")
+    coco = _film()
+    del coco["annotations"][2]["bbox"]
+    with pytest.raises(DatasetError, match="^train.json: annotation 2 needs id, image_id"):
+        label_end_vertebrae(coco, _detections(), coco_source="train.json")
+
+
 def test_tool_writes_a_new_file_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, "tools")
     try:
