@@ -78,6 +78,10 @@ def add_spine_config(cfg):
     _C.SPINE.COCO_DATASETS = []
     # On invalid COCO records: False raises naming the record, True skips and logs counts.
     _C.SPINE.SKIP_INVALID_ANNOTATIONS = False
+    # Share of each DATASETS.TRAIN entry in the training stream, one weight per entry (e.g.
+    # [0.75, 0.25]), whatever the datasets' sizes (data/sampler.py); [] = detectron2's
+    # concatenation, where each dataset's share is its share of the images.
+    _C.SPINE.TRAIN_DATASET_WEIGHTS = []
     # Ordered level names, top to bottom.
     _C.SPINE.LEVELS = list(VERTEBRA_LEVELS)
 

@@ -10,7 +10,12 @@ import time
 import weakref
 
 import torch
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -18,6 +23,7 @@ from detectron2.utils import comm
 
 from ..checkpoint import SpineCheckpointer
 from ..data.mapper import XrayDatasetMapper
+from ..data.sampler import MixedDatasetSampler, dataset_mix
 from ..evaluation.vertebra import VertebraEvaluator
 from ..modeling.precision import inference_autocast
 from ..zoi.export import export_datasets
@@ -116,7 +122,26 @@ class SpineTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=XrayDatasetMapper(cfg, is_train=True))
+        mapper = XrayDatasetMapper(cfg, is_train=True)
+        if not cfg.SPINE.TRAIN_DATASET_WEIGHTS:
+            return build_detection_train_loader(cfg, mapper=mapper)
+        names = list(cfg.DATASETS.TRAIN)
+        shares = dataset_mix(names, cfg.SPINE.TRAIN_DATASET_WEIGHTS)
+        # one list per dataset, for the sizes; a name with share 0 is still loaded, so the
+        # config fails on a missing dataset whatever its weight
+        parts = [
+            get_detection_dataset_dicts(
+                [name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+            )
+            for name in names
+        ]
+        # detectron2 checks this for a concatenation; a mix must not mix up class ids either
+        check_metadata_consistency("thing_classes", names)
+        for name, part, share in zip(names, parts, shares):
+            logger.info("Training mix: %s, %d images, share %.3f", name, len(part), share)
+        sampler = MixedDatasetSampler([len(p) for p in parts], shares)
+        dataset = [d for part in parts for d in part]
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
