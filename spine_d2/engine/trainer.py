@@ -11,11 +11,11 @@ import weakref
 
 import torch
 from detectron2.data import (
+    MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -136,7 +136,12 @@ class SpineTrainer(DefaultTrainer):
             for name in names
         ]
         # detectron2 checks this for a concatenation; a mix must not mix up class ids either
-        check_metadata_consistency("thing_classes", names)
+        classes = {name: list(MetadataCatalog.get(name).get("thing_classes", [])) for name in names}
+        if any(c != classes[names[0]] for c in classes.values()):
+            raise ValueError(
+                "SPINE.TRAIN_DATASET_WEIGHTS: the DATASETS.TRAIN entries have different class "
+                f"names, which would mix up class ids: {classes}"
+            )
         for name, part, share in zip(names, parts, shares):
             logger.info("Training mix: %s, %d images, share %.3f", name, len(part), share)
         sampler = MixedDatasetSampler([len(p) for p in parts], shares)

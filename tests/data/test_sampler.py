@@ -130,5 +130,7 @@ def test_trainer_loader_refuses_mixed_class_names(two_datasets, train_args, tmp_
             "[1.0, 1.0]",
         )
     )
-    with pytest.raises(ValueError, match="different metadata 'thing_classes'"):
+    with pytest.raises(
+        ValueError, match="different class names.*'spine_synthetic_c': \\['vertebral_body'\\]"
+    ):
         SpineTrainer.build_train_loader(cfg)
