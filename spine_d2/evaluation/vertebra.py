@@ -521,7 +521,8 @@ def _annotation_rle(ann, h, w):
     segm = ann.get("segmentation")
     if segm is None:
         box = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYWH_ABS)
-        return mask_util.frPyObjects([list(map(float, box))], h, w)[0]
+        # an ndarray: pycocotools 2.0.8+ rejects a list of boxes
+        return mask_util.frPyObjects(np.array([box], dtype=np.float64), h, w)[0]
     if isinstance(segm, list):  # polygons
         return mask_util.merge(mask_util.frPyObjects(segm, h, w))
     if isinstance(segm, dict):

@@ -360,3 +360,15 @@ def test_score_cut_sweep_names_a_detection_without_segmentation():
     with registered(two_images()) as name:
         with pytest.raises(ValueError, match="detection of image 1 has no segmentation"):
             sweep_score_cuts(name, [{"image_id": 1, "category_id": 0, "score": 0.9}], [0.5])
+
+
+def test_ground_truth_without_segmentation_is_its_box():
+    # pycocotools 2.0.8+ takes boxes only as an ndarray: a list of boxes raised a TypeError here
+    from spine_d2.evaluation.vertebra import _annotation_rle
+
+    box = {"bbox": [10.0, 20.0, 30.0, 8.0], "bbox_mode": BoxMode.XYWH_ABS}
+    rle = _annotation_rle(box, SIZE, SIZE)
+    assert int(mask_util.area(rle)) == 240
+    assert mask_util.toBbox(rle).tolist() == [10.0, 20.0, 30.0, 8.0]
+    xyxy = dict(box, bbox=[10.0, 20.0, 40.0, 28.0], bbox_mode=BoxMode.XYXY_ABS)
+    assert int(mask_util.area(_annotation_rle(xyxy, SIZE, SIZE))) == 240
