@@ -20,9 +20,11 @@ from collections import Counter, defaultdict
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
+from detectron2.structures import BoxMode
 
 from ..config import VERTEBRA_LEVELS
 from ..errors import DatasetError
+from ..evaluation.vertebra import _annotation_rle
 from .datasets import _level_of
 
 __all__ = ["label_end_vertebrae"]
@@ -46,17 +48,15 @@ def _is_detection(det) -> bool:
 
 
 def _annotation_rles(anns, height, width):
+    """Raw COCO annotations (XYWH boxes) as RLEs, as the evaluator reads ground truth; the box
+    stands in for an empty or unknown segmentation."""
     rles = []
     for a in anns:
         segm = a.get("segmentation")
-        if isinstance(segm, list) and segm:  # polygons
-            rles.append(mask_util.merge(mask_util.frPyObjects(segm, height, width)))
-        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):  # uncompressed RLE
-            rles.append(mask_util.frPyObjects(segm, height, width))
-        elif isinstance(segm, dict):  # compressed RLE
-            rles.append(segm)
-        else:  # none: the box stands in, as in the evaluator
-            rles.append(mask_util.frPyObjects([list(map(float, a["bbox"]))], height, width)[0])
+        segm = segm if isinstance(segm, (list, dict)) and segm else None
+        rles.append(
+            _annotation_rle(dict(a, segmentation=segm, bbox_mode=BoxMode.XYWH_ABS), height, width)
+        )
     return rles
 
 

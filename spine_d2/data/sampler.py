@@ -7,6 +7,7 @@ sim-to-real study's "mixed loader" arm needs (README, Real radiographs)."""
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -24,8 +25,8 @@ def dataset_mix(names: Sequence[str], weights: Sequence[float]) -> list[float]:
             f"SPINE.TRAIN_DATASET_WEIGHTS has {len(weights)} weights for "
             f"{len(names)} DATASETS.TRAIN entries {names}: give one per dataset"
         )
-    bad = [w for w in weights if not isinstance(w, (int, float)) or not w >= 0 or w == float("inf")]
-    if bad or sum(weights) <= 0:
+    ok = all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
+    if not ok or sum(weights) <= 0:
         raise ValueError(
             f"SPINE.TRAIN_DATASET_WEIGHTS {weights}: weights must be finite, >= 0 and not all 0"
         )

@@ -144,3 +144,16 @@ def test_tool_writes_a_new_file_and_refuses_bad_input(tmp_path, monkeypatch, cap
         err.startswith(f"error: {dets}: detections file is not readable JSON")
         and err.count("\n") == 1
     )
+
+
+def test_annotations_are_read_as_the_evaluator_reads_them():
+    from spine_d2.data.pseudo import _annotation_rles
+
+    rle = mask_util.encode(np.asfortranarray(np.ones((20, 30), dtype=np.uint8)))
+    anns = [
+        {"bbox": [2, 3, 10, 5]},  # no segmentation: its box
+        {"bbox": [2, 3, 10, 5], "segmentation": []},  # empty: its box too
+        {"bbox": [0, 0, 4, 4], "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4]]},
+        {"bbox": [0, 0, 30, 20], "segmentation": dict(rle, counts=rle["counts"].decode())},
+    ]
+    assert [int(mask_util.area(r)) for r in _annotation_rles(anns, 20, 30)] == [50, 50, 16, 600]
