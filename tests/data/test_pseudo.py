@@ -157,3 +157,24 @@ def test_annotations_are_read_as_the_evaluator_reads_them():
         {"bbox": [0, 0, 30, 20], "segmentation": dict(rle, counts=rle["counts"].decode())},
     ]
     assert [int(mask_util.area(r)) for r in _annotation_rles(anns, 20, 30)] == [50, 50, 16, 600]
+
+
+def test_tool_refuses_a_bad_score_and_files_of_the_wrong_shape(tmp_path, capsys):
+    sys.path.insert(0, "tools")
+    try:
+        import label_end_vertebrae as tool
+    finally:
+        sys.path.remove("tools")
+    coco, dets, out = tmp_path / "train.json", tmp_path / "dets.json", tmp_path / "out.json"
+    coco.write_text(json.dumps(_film()))
+    dets.write_text(json.dumps(_detections()))
+    args = ["--coco", str(coco), "--detections", str(dets), "--out", str(out)]
+    assert tool.main(args + ["--min-score", "2"]) == 1
+    assert "--min-score must be in [0, 1], not 2.0" in capsys.readouterr().err
+    dets.write_text(json.dumps({"annotations": []}))
+    assert tool.main(args) == 1
+    assert f"{dets}: not a list of COCO detections" in capsys.readouterr().err
+    coco.write_text(json.dumps([]))
+    assert tool.main(args) == 1
+    assert f"{coco}: not a COCO dataset" in capsys.readouterr().err
+    assert not out.exists()
