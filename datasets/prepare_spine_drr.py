@@ -29,6 +29,12 @@ def main(argv=None):
     ap.add_argument("--num-train", type=int)
     ap.add_argument("--num-val", type=int)
     ap.add_argument("--num-test", type=int)
+    ap.add_argument(
+        "--views-train",
+        type=int,
+        help="base 3D views of the training split (the first N of a seed"
+        " are the same for any larger N; val and test do not depend on it)",
+    )
     ap.add_argument("--size", type=int, help="output scans are SIZE x SIZE pixels")
     ap.add_argument("--bit-depth", type=int, choices=[8, 16])
     ap.add_argument(

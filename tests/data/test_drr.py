@@ -136,6 +136,16 @@ def test_train_and_test_view_angles_are_disjoint():
     assert len(bins["train"]) > 3 and len(bins["test"]) > 3
 
 
+def test_more_training_views_extend_the_first_ones():
+    # `prepare_spine_drr.py --views-train N` must keep the views of a smaller N (their cached
+    # renders are reused) and change neither held-out split.
+    few, many = replace(PARAMS, views_train=8), replace(PARAMS, views_train=24)
+    assert D.view_specs(many, "train")[:8] == D.view_specs(few, "train")
+    assert len({s["rotation_deg"] for s in D.view_specs(many, "train")}) == 24
+    for split in ("val", "test"):
+        assert D.view_specs(many, split) == D.view_specs(few, split)
+
+
 def _tree(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and "cache" not in p.parts and p.name != "meta.json"}  # fmt: skip
