@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("diffdrr")  # the `drr` extra
 
 from spine_d2.data import drr as D  # noqa: E402
+from spine_d2.errors import DatasetError  # noqa: E402
 
 LEVELS = ["T5", "T6", "T7"]
 PARAMS = replace(
@@ -144,6 +145,13 @@ def test_more_training_views_extend_the_first_ones():
     assert len({s["rotation_deg"] for s in D.view_specs(many, "train")}) == 24
     for split in ("val", "test"):
         assert D.view_specs(many, split) == D.view_specs(few, split)
+
+
+@pytest.mark.parametrize("key", ["views_train", "num_test"])
+def test_empty_split_or_no_views_is_a_one_line_error(tmp_path, key):
+    with pytest.raises(DatasetError, match=f"{key} must be at least 1, not 0"):
+        D.generate_dataset(tmp_path / "out", replace(PARAMS, **{key: 0}), progress=False)
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def _tree(root):
