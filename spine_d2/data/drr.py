@@ -883,8 +883,9 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
             out_dir, f"unsupported output {params.image_format} {params.bit_depth}-bit"
         )
     for key in ("num_train", "num_val", "num_test", "views_train", "views_val", "views_test"):
-        if int(getattr(params, key)) < 1:  # zero views would fail deep in the sampler
-            raise DatasetError(out_dir, f"{key} must be at least 1, not {getattr(params, key)}")
+        n = getattr(params, key)
+        if n < 1:  # zero views would fail deep in the scan sampler
+            raise DatasetError(out_dir, f"{key} must be at least 1, not {n}")
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     digest = params.digest()
     meta_file = out_dir / "meta.json"
