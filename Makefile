@@ -13,7 +13,7 @@ OUTPUT_DIR ?= $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(
 PYTEST_ARGS ?= -q -n 2 --durations=10
 export DETECTRON2_DATASETS ?= datasets
 
-.PHONY: install test demo demo-clean data data-parts data-small data-aasce level-prior-aasce train train-pretrained train-aasce train-aasce-gpu study-aasce eval export enhance bench lint clean-venv
+.PHONY: install test demo demo-clean data data-parts data-small data-aasce level-prior-aasce rescorer train train-pretrained train-aasce train-aasce-gpu study-aasce eval export enhance bench lint clean-venv
 
 $(VENV)/.installed: setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -129,8 +129,19 @@ train-pretrained: $(VENV)/.installed  ## train (eleven stages), evaluate and pac
 	  cmd="$(PY) tools/train_net.py --config-file $(call pretrain_config,$${n}) --resume MODEL.WEIGHTS $$prev/model_final.pth OUTPUT_DIR $(PRETRAIN_DIR)_stage$$n"; \
 	  echo "$$cmd"; $$cmd || exit 1; prev=$(PRETRAIN_DIR)_stage$$n; done
 	$(PY) tools/package_weights.py $(PRETRAIN_PACK) --out $(WEIGHTS_OUT)
-	$(PY) tools/train_net.py --config-file $(SHIPPED_CONFIG) --eval-only MODEL.WEIGHTS $(WEIGHTS_OUT) SPINE.EVAL.AMP '""' OUTPUT_DIR $(PRETRAIN_DIR)_eval_fp16
+	$(MAKE) rescorer
+	@cut=$$($(PY) -c "import json; print(json.load(open('$(RESCORER_OUT)'))['source']['cut'])"); \
+	  echo "Rescorer cut $$cut: set SPINE.LEVEL_HEAD / EVAL / ZOI.SCORE_THRESH in $(SHIPPED_CONFIG) to it"; \
+	  $(PY) tools/train_net.py --config-file $(SHIPPED_CONFIG) --eval-only MODEL.WEIGHTS $(WEIGHTS_OUT) SPINE.EVAL.AMP '""' OUTPUT_DIR $(PRETRAIN_DIR)_eval_fp16 \
+	    SPINE.RESCORER.FILE $(RESCORER_OUT) SPINE.LEVEL_HEAD.SCORE_THRESH $$cut SPINE.EVAL.SCORE_THRESH $$cut ZOI.SCORE_THRESH $$cut
 	$(PY) tools/package_weights.py $(PRETRAIN_PACK) --out $(WEIGHTS_OUT) --eval $(PRETRAIN_DIR)_eval_fp16/inference/eval_results.json
+
+# The shipped checkpoint's learned rescorer (README, "The learned rescorer"): fitted on its
+# predictions on spine_drr_train, the cut chosen on spine_drr_val; deterministic.
+RESCORER_OUT ?= weights/spine_mask_rcnn_R_18_FPN_drr_rescorer.json
+rescorer: $(VENV)/.installed  ## fit the shipped checkpoint's rescorer (~10 min on 2 cores; needs 'make data')
+	@test -f $(DETECTRON2_DATASETS)/spine_drr/train.json || { echo "The built-in dataset is missing: run 'make data' first."; exit 1; }
+	$(PY) tools/fit_rescorer.py --config-file $(SHIPPED_CONFIG) --weights $(WEIGHTS_OUT) --out $(RESCORER_OUT)
 
 BENCH_ARGS ?=
 BENCH_OUT ?= output/bench

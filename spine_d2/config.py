@@ -137,6 +137,13 @@ def add_spine_config(cfg):
     # and score x maskness under it, so no detection crosses that cut (COCO AP changes; what
     # the evaluator, levels and the ZOI export keep does not, while their cuts are equal)
     _C.SPINE.MASK_RESCORE = False
+    # A learned rescorer (modeling/rescorer.py, tools/fit_rescorer.py): a JSON whose small MLP
+    # scores each detection from its overlaps with the others, the level branch and its mask,
+    # fitted on one checkpoint's predictions. Replaces the score after the mask head (and
+    # MASK_RESCORE's); the score cuts (SPINE.LEVEL_HEAD / EVAL / ZOI.SCORE_THRESH) then apply to
+    # its scale. "" = off.
+    _C.SPINE.RESCORER = CN()
+    _C.SPINE.RESCORER.FILE = ""
 
     # Training: "SGD" (detectron2's build_optimizer) or "ADAMW" (SOLVER.BASE_LR,
     # SOLVER.WEIGHT_DECAY, no decay on norms and biases). SOLVER.AMP.ENABLED on the CPU

@@ -15,6 +15,7 @@ from ..config import add_spine_config
 from ..data.datasets import register_from_config
 from ..errors import SpineError
 from ..modeling.levels import LevelPrior
+from ..modeling.rescorer import DetectionRescorer
 from ..modeling.soft_nms import SOFT_NMS_METHODS
 
 __all__ = ["build_config", "setup"]
@@ -74,6 +75,13 @@ def build_config(config_file: str, opts=()):
         )
     if cfg.SPINE.MASK_RESCORE and not cfg.MODEL.MASK_ON:
         raise SpineError(f"{config_file}: SPINE.MASK_RESCORE needs MODEL.MASK_ON True")
+    if cfg.SPINE.RESCORER.FILE:
+        if cfg.MODEL.ROI_HEADS.NAME != "LevelROIHeads" or not cfg.MODEL.MASK_ON:
+            raise SpineError(
+                f"{config_file}: SPINE.RESCORER.FILE needs MODEL.ROI_HEADS.NAME LevelROIHeads "
+                f"and MODEL.MASK_ON True (got {cfg.MODEL.ROI_HEADS.NAME}, {cfg.MODEL.MASK_ON})"
+            )
+        DetectionRescorer.load(cfg.SPINE.RESCORER.FILE)  # a bad file fails here, not mid-run
     register_from_config(cfg)
     cfg.freeze()
     return cfg

@@ -452,9 +452,21 @@ def _greedy_match(gt_rles, gt_classes, pred_rles, pred_classes):
     """One-to-one (gt, pred, iou) pairs with IoU > 0, greedily by descending IoU, same class."""
     if not gt_rles or not pred_rles:
         return []
+    return greedy_pairs(class_aware_iou(pred_rles, pred_classes, gt_rles, gt_classes))
+
+
+def class_aware_iou(pred_rles, pred_classes, gt_rles, gt_classes) -> np.ndarray:
+    """P x G mask IoU, 0 between different classes."""
+    if not gt_rles or not pred_rles:
+        return np.zeros((len(pred_rles), len(gt_rles)))
     iou = np.asarray(mask_util.iou(pred_rles, gt_rles, [0] * len(gt_rles)), dtype=np.float64)
     same_class = np.asarray(pred_classes)[:, None] == np.asarray(gt_classes)[None, :]
-    iou = np.where(same_class, iou, 0.0)
+    return np.where(same_class, iou, 0.0)
+
+
+def greedy_pairs(iou: np.ndarray):
+    """:func:`_greedy_match` on a P x G IoU matrix: (gt, pred, iou) pairs."""
+    iou = np.asarray(iou, dtype=np.float64)
     p_idx, g_idx = np.nonzero(iou > 0)
     order = np.argsort(-iou[p_idx, g_idx], kind="stable")
     used_p, used_g, pairs = set(), set(), []

@@ -16,10 +16,16 @@ T1 or C7, L5 or S1; the ribs, clavicles and pelvis around it do. Each proposal's
 about its centre, is pooled and run through the same box head, and two linear layers add its
 evidence to the class and level logits. They start at zero, so a checkpoint trained without
 context loads and predicts exactly as before, and fine-tuning learns how much to use.
+
+Rescoring (SPINE.RESCORER.FILE): after the mask head a small learned model
+(``modeling/rescorer.py``) gives every detection a new score from how it overlaps the others,
+and the levels are decoded again on those scores.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -33,6 +39,7 @@ from fvcore.nn import smooth_l1_loss
 from torch import nn
 
 from .levels import LevelPrior, decode_levels
+from .rescorer import DetectionRescorer, file_sha256, rescore_features
 from .rescue import rescue_chain
 from .soft_nms import SOFT_NMS_METHODS, soft_nms_inference
 
@@ -64,6 +71,26 @@ def weighted_mask_loss(
     if weights is not None:
         per_mask = per_mask * weights
     return per_mask.mean()
+
+
+def _load_rescorer(cfg) -> Optional[DetectionRescorer]:
+    """SPINE.RESCORER.FILE, or None; warns when MODEL.WEIGHTS is not the checkpoint whose
+    predictions it was fitted on (a fine-tuned model may rank its detections differently)."""
+    path = cfg.SPINE.RESCORER.FILE
+    if not path:
+        return None
+    rescorer = DetectionRescorer.load(path)
+    fitted = rescorer.source.get("weights_sha256")
+    weights = cfg.MODEL.WEIGHTS
+    if fitted and weights and os.path.isfile(weights) and file_sha256(weights) != fitted:
+        logging.getLogger(__name__).warning(
+            "%s was fitted on the predictions of another checkpoint than %s (sha256 %s...); "
+            "refit it (tools/fit_rescorer.py) for this model, or set SPINE.RESCORER.FILE ''",
+            path,
+            weights,
+            fitted[:12],
+        )
+    return rescorer
 
 
 def _field(proposals: Instances, name: str, fill) -> torch.Tensor:
@@ -101,6 +128,7 @@ class LevelROIHeads(StandardROIHeads):
         nms_sigma: float = 0.5,
         mask_rescore: bool = False,
         output_range: Sequence[str] = (),
+        rescorer: Optional[DetectionRescorer] = None,
         **kwargs,
     ):
         """
@@ -128,6 +156,9 @@ class LevelROIHeads(StandardROIHeads):
             output_range: (first, last) level names: detections whose level (decoded, or the
                 branch's own for those under the cut) lies outside are left out of the output,
                 e.g. C7 and S1 on films annotated T1..L5; empty = every detection.
+            rescorer: a :class:`~spine_d2.modeling.rescorer.DetectionRescorer` whose output
+                replaces each detection's score after the mask head (mask rescoring then does
+                not apply); levels are decoded again on the new scores. None = off.
             kwargs: StandardROIHeads' arguments.
         """
         super().__init__(**kwargs)
@@ -186,6 +217,12 @@ class LevelROIHeads(StandardROIHeads):
             raise ValueError("SPINE.MASK_RESCORE needs a mask head (MODEL.MASK_ON True)")
         self.mask_rescore = bool(mask_rescore)
         self.output_range = self._parse_output_range(output_range, self.level_names)
+        if rescorer is not None and not self.mask_on:
+            raise ValueError("SPINE.RESCORER.FILE needs a mask head (MODEL.MASK_ON True)")
+        self.rescorer = rescorer
+        # tools/fit_rescorer.py sets this to have the inputs of the rescorer kept on the output
+        # (``rescore_features``), computed exactly as the rescorer will see them.
+        self.collect_rescore_features = False
         if self._weighted:
             loss_type = getattr(self.box_predictor, "box_reg_loss_type", "smooth_l1")
             if loss_type != "smooth_l1":
@@ -227,6 +264,7 @@ class LevelROIHeads(StandardROIHeads):
             nms_sigma=cfg.SPINE.NMS.SIGMA,
             mask_rescore=cfg.SPINE.MASK_RESCORE,
             output_range=list(head.OUTPUT_RANGE),
+            rescorer=_load_rescorer(cfg),
         )
         return ret
 
@@ -304,6 +342,8 @@ class LevelROIHeads(StandardROIHeads):
         per_image = level_logits.split([len(p) for p in proposals])
         for inst, idx, logits in zip(pred_instances, kept, per_image):
             self._label_levels(inst, logits[idx])
+        if self.rescorer is not None:  # levels and the output range follow the new scores
+            return pred_instances
         return [self._in_output_range(inst) for inst in pred_instances]
 
     def _in_output_range(self, inst: Instances) -> Instances:
@@ -317,17 +357,27 @@ class LevelROIHeads(StandardROIHeads):
         """The box predictor's inference, with soft NMS when SPINE.NMS.METHOD asks for it."""
         predictor = self.box_predictor
         if self.nms_method == "hard":
-            return predictor.inference(predictions, proposals)
-        return soft_nms_inference(
-            predictor.predict_boxes(predictions, proposals),
-            predictor.predict_probs(predictions, proposals),
-            [x.image_size for x in proposals],
-            predictor.test_score_thresh,
-            predictor.test_nms_thresh,
-            predictor.test_topk_per_image,
-            self.nms_method,
-            self.nms_sigma,
-        )
+            results, kept = predictor.inference(predictions, proposals)
+        else:
+            results, kept = soft_nms_inference(
+                predictor.predict_boxes(predictions, proposals),
+                predictor.predict_probs(predictions, proposals),
+                [x.image_size for x in proposals],
+                predictor.test_score_thresh,
+                predictor.test_nms_thresh,
+                predictor.test_topk_per_image,
+                self.nms_method,
+                self.nms_sigma,
+            )
+        if self._wants_rescore_features:  # the score before suppression is one of them
+            probs = predictor.predict_probs(predictions, proposals)
+            for inst, idx, p in zip(results, kept, probs):
+                inst.scores_before_nms = p[idx, inst.pred_classes]
+        return results, kept
+
+    @property
+    def _wants_rescore_features(self) -> bool:
+        return self.rescorer is not None or self.collect_rescore_features
 
     @property
     def _weighted(self) -> bool:
@@ -384,6 +434,18 @@ class LevelROIHeads(StandardROIHeads):
         at inference with SPINE.MASK_RESCORE the scores are re-ranked by the masks."""
         if not self.training:
             instances = super()._forward_mask(features, instances)
+            if self.mask_on and self._wants_rescore_features:
+                for inst in instances:
+                    inst.rescore_features = rescore_features(
+                        inst.pred_boxes.tensor,
+                        inst.scores_before_nms,
+                        inst.scores,
+                        inst.pred_masks,
+                        inst.level_log_probs,
+                        inst.image_size,
+                    )
+            if self.rescorer is not None:
+                return [self._rescored(inst) for inst in instances]
             if self.mask_on and self.mask_rescore:
                 self._rescore_by_masks(instances)
             return instances
@@ -399,6 +461,15 @@ class LevelROIHeads(StandardROIHeads):
         weights = self._proposal_weights(instances)
         loss = weighted_mask_loss(logits, instances, weights)
         return {"loss_mask": loss * self.mask_head.loss_weight}
+
+    def _rescored(self, inst: Instances) -> Instances:
+        """The rescorer's scores, levels decoded again on them, the output range applied."""
+        if len(inst):
+            inst.scores = self.rescorer(inst.rescore_features).to(inst.scores.dtype)
+            self._label_levels(inst, inst.level_log_probs)  # log_softmax leaves log-probs as is
+        if not self.collect_rescore_features:
+            inst.remove("rescore_features")
+        return self._in_output_range(inst)
 
     def _rescore_by_masks(self, instances: List[Instances]) -> None:
         """Scale each detection's score by its mask's confidence (the mean mask probability
@@ -448,7 +519,10 @@ class LevelROIHeads(StandardROIHeads):
     @property
     def keep_score(self) -> float:
         """Lowest score a detection needs to be kept downstream (ZOI export's speed-up): the
-        rescue's floor when it is on."""
+        rescue's floor when it is on; 0 under a rescorer, which can raise a low box score and
+        whose features see every detection the box predictor keeps."""
+        if self.rescorer is not None:
+            return 0.0
         return self.rescue_min_score if self.rescue_expected else self.level_score_thresh
 
     def _label_levels(self, inst: Instances, logits: torch.Tensor) -> None:

@@ -66,13 +66,20 @@ def test_missing_config_file_is_a_one_line_error(tmp_path):
 
 
 def test_shipped_config_counts_detections_from_one_cut():
-    # Rescoring pivots on the level head's cut: the evaluator and the export must count from the
-    # same score, or rescoring moves detections across their cut. 0.65 is v6's val-chosen point.
+    # The levels, the evaluator and the export must count from the same score, or they see
+    # different vertebrae. 0.2 is the val-chosen point of the rescorer the config names, whose
+    # file records the checkpoint it was fitted on.
+    import json
+
+    from spine_d2.modeling.rescorer import file_sha256
+
     cfg = build_config("configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml")
     cuts = (cfg.SPINE.LEVEL_HEAD.SCORE_THRESH, cfg.SPINE.EVAL.SCORE_THRESH, cfg.ZOI.SCORE_THRESH)
-    assert cuts == (0.65, 0.65, 0.65)
+    source = json.loads(open(cfg.SPINE.RESCORER.FILE).read())["source"]
+    assert cuts == (source["cut"],) * 3 == (0.2,) * 3
+    assert source["weights_sha256"] == file_sha256(cfg.MODEL.WEIGHTS)
     demo = build_config("configs/demo/spine_mask_rcnn_R_18_FPN_demo_finetune.yaml")
-    assert demo.SPINE.EVAL.SCORE_THRESH == demo.SPINE.LEVEL_HEAD.SCORE_THRESH == 0.65
+    assert demo.SPINE.EVAL.SCORE_THRESH == demo.SPINE.LEVEL_HEAD.SCORE_THRESH == 0.2
 
 
 def test_bad_nms_and_rescore_settings_are_clear_errors():

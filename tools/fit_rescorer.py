@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""Fit the learned rescorer (``spine_d2.modeling.rescorer``) of one checkpoint.
+
+Runs the model on a training split with the rescorer's inputs kept, matches each detection to
+the ground truth (mask IoU, one-to-one by score) and fits a small MLP to predict the IoU of the
+vertebra each detection gets (0 for duplicates and false detections). Then it scores a held-out
+split at a row of cuts and names the cut where the smaller of recall and precision is largest:
+set the config's score cuts (SPINE.LEVEL_HEAD / EVAL / ZOI.SCORE_THRESH) to it. Fit on a
+training split and choose the cut on a validation split; the test split stays unseen.
+
+    python tools/fit_rescorer.py --config-file configs/spine_mask_rcnn_R_18_FPN_drr_cpu.yaml \\
+        --weights weights/spine_mask_rcnn_R_18_FPN_drr.pth --out configs/rescorer_drr_v6.json
+
+Then set SPINE.RESCORER.FILE to the file. The rescorer belongs to the checkpoint whose
+predictions it was fitted on (its sha256 is recorded; loading it with another logs a warning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+CUTS = tuple(round(0.05 * k, 2) for k in range(1, 19))
+
+
+def parse_split(spec: str):
+    """``NAME`` or ``NAME:K`` -> (name, K): K keeps only the scans of base views K and up."""
+    name, _, first = spec.partition(":")
+    try:
+        return name, int(first) if first else 0
+    except ValueError:
+        raise SystemExit(f"--train-dataset {spec!r}: expected NAME or NAME:FIRST_VIEW") from None
+
+
+def view_filter(dataset: str, first_view: int):
+    """The image ids of ``dataset`` whose ``base_view`` ("split/index" in the built-in DRR
+    data's COCO file) has an index >= ``first_view``; None when not filtering."""
+    if not first_view:
+        return None
+    import json
+
+    from detectron2.data import MetadataCatalog
+
+    from spine_d2.errors import SpineError
+
+    json_file = getattr(MetadataCatalog.get(dataset), "json_file", None)
+    images = json.load(open(json_file))["images"] if json_file else []
+    keep = {
+        im["id"]
+        for im in images
+        if "/" in str(im.get("base_view", "")) and int(im["base_view"].split("/")[1]) >= first_view
+    }
+    if not keep:
+        raise SpineError(f"{dataset}: no scan of a base view >= {first_view} (base_view keys)")
+    return keep
+
+
+def collect(cfg, model, dataset: str, limit: int = 0, image_ids=None) -> list:
+    """Per image: (features N x F, scores N, IoU N x G with the ground truth, class-aware).
+    ``image_ids``: only these (all when None); ``limit``: the first N of them."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from spine_d2.engine.trainer import SpineTrainer
+    from spine_d2.evaluation.vertebra import _load_ground_truth, class_aware_iou, masks_to_rles
+
+    gt = _load_ground_truth(dataset)
+    loader = SpineTrainer.build_test_loader(cfg, dataset)
+    wanted = len(gt) if image_ids is None else len(image_ids)
+    total = min(wanted, limit) if limit else wanted
+    items = []
+    progress = tqdm(total=total, desc=f"fit_rescorer {dataset}", unit="scan")
+    with torch.no_grad():
+        for batch in loader:
+            if limit and len(items) >= limit:
+                break
+            if image_ids is not None and batch[0]["image_id"] not in image_ids:
+                continue
+            progress.update()
+            inst = model(batch)[0]["instances"].to("cpu")
+            g = gt[batch[0]["image_id"]]
+            rles = masks_to_rles(inst.pred_masks) if len(inst) else []
+            iou = class_aware_iou(rles, inst.pred_classes.tolist(), g["rles"], g["classes"])
+            items.append(
+                (
+                    inst.rescore_features.float().numpy(),
+                    inst.scores.float().numpy(),
+                    np.asarray(iou).reshape(len(inst), len(g["rles"])),
+                )
+            )
+    progress.close()
+    return items
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config-file", required=True, help="the config the model runs with")
+    ap.add_argument("--weights", required=True, help="the checkpoint (MODEL.WEIGHTS)")
+    ap.add_argument("--out", required=True, help="JSON to write (temp name, then renamed)")
+    ap.add_argument(
+        "--train-dataset",
+        action="append",
+        help="split to fit on (repeat for several; default spine_drr_train); NAME:K keeps the "
+        "scans of base views K and up, e.g. the views that --views-train 64 adds to the 32 a "
+        "checkpoint trained on (views it never saw)",
+    )
+    ap.add_argument("--val-dataset", default="spine_drr_val", help="split to choose the cut on")
+    ap.add_argument("--hidden", type=int, default=32, help="hidden units (0: logistic)")
+    ap.add_argument("--epochs", type=int, default=600, help="full-batch Adam steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-images", type=int, default=0, help="use the first N (0: all)")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
+    args = ap.parse_args(argv)
+    args.train_dataset = args.train_dataset or ["spine_drr_train"]
+
+    import numpy as np
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.utils.logger import setup_logger
+
+    import spine_d2.data  # noqa: F401  (registers the built-in datasets)
+    from spine_d2.engine.setup import build_config
+    from spine_d2.engine.trainer import SpineTrainer
+    from spine_d2.errors import SpineError
+    from spine_d2.modeling.rescorer import (
+        choose_cut,
+        file_sha256,
+        fit_rescorer,
+        match_targets,
+        recall_precision,
+    )
+
+    logger = setup_logger(name="spine_d2", abbrev_name="spine")
+    try:
+        opts = ["MODEL.WEIGHTS", args.weights, "SPINE.RESCORER.FILE", "", *args.opts]
+        cfg = build_config(args.config_file, opts)
+        train_splits = [parse_split(spec) for spec in args.train_dataset]
+        for name in [n for n, _ in train_splits] + [args.val_dataset]:
+            if name not in DatasetCatalog.list():
+                raise SpineError(f"{name}: not a registered dataset (make data generates it)")
+        model = SpineTrainer.build_model(cfg)
+        heads = getattr(model, "roi_heads", None)
+        if not hasattr(heads, "collect_rescore_features") or not cfg.MODEL.MASK_ON:
+            raise SpineError(
+                f"{args.config_file}: the rescorer needs ROI_HEADS.NAME LevelROIHeads and masks"
+            )
+        heads.collect_rescore_features = True
+        model.eval()
+        DetectionCheckpointer(model).load(args.weights)
+        start = time.perf_counter()
+        train = []
+        for name, first_view in train_splits:
+            ids = view_filter(name, first_view)
+            train += collect(cfg, model, name, args.max_images, ids)
+        val = collect(cfg, model, args.val_dataset)
+        features = np.concatenate([f for f, _, _ in train])
+        targets = np.concatenate([match_targets(iou, s) for _, s, iou in train])
+        if len(features) < 2:
+            raise SpineError(f"{args.train_dataset}: the model detected nothing to fit on")
+        source = {
+            "config": args.config_file,
+            "weights": args.weights,
+            "weights_sha256": file_sha256(args.weights),
+            "train_datasets": list(args.train_dataset),
+            "train_images": len(train),
+            "detections": int(len(features)),
+            "matched": int((targets > 0).sum()),
+            "target": "mask IoU of the matched vertebra (0: none)",
+            "hidden": args.hidden,
+            "epochs": args.epochs,
+            "seed": args.seed,
+        }
+        rescorer, loss = fit_rescorer(
+            features, targets, args.hidden, args.epochs, args.seed, source=source
+        )
+        val_scores = [rescorer(torch.as_tensor(f)).numpy() for f, _, _ in val]
+        val_ious = [iou for _, _, iou in val]
+        table = []
+        for cut in CUTS:
+            r, p, f1 = recall_precision(val_ious, val_scores, cut)
+            table.append({"cut": cut, "recall": r, "precision": p, "f1": f1})
+        before = recall_precision(val_ious, [s for _, s, _ in val], cfg.SPINE.EVAL.SCORE_THRESH)
+        cut = choose_cut(table)
+        rescorer.source.update(
+            {
+                "final_loss": round(loss, 5),
+                "val_dataset": args.val_dataset,
+                "val_images": len(val),
+                "val_before": {
+                    "cut": cfg.SPINE.EVAL.SCORE_THRESH,
+                    "recall": round(before[0], 4),
+                    "precision": round(before[1], 4),
+                },
+                "val_table": [{k: round(v, 4) for k, v in row.items()} for row in table],
+                "cut": cut,
+                "cut_rule": "largest min(recall, precision) on val_dataset, F1 breaks ties",
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
+        rescorer.save(args.out)
+    except SpineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    logger.info(
+        f"{args.val_dataset} before: recall {before[0]:.4f}, precision {before[1]:.4f} at cut "
+        f"{cfg.SPINE.EVAL.SCORE_THRESH}; with the rescorer:"
+    )
+    for row in table:
+        mark = "  <- chosen" if row["cut"] == cut else ""
+        logger.info(
+            f"  cut {row['cut']:.2f}: recall {row['recall']:.4f} precision "
+            f"{row['precision']:.4f} F1 {row['f1']:.4f}{mark}"
+        )
+    logger.info(
+        f"Wrote {args.out} ({len(features)} detections of {len(train)} scans, loss {loss:.4f}); "
+        f"set SPINE.RESCORER.FILE to it and the score cuts to {cut}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
