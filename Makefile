@@ -141,7 +141,7 @@ train-pretrained: $(VENV)/.installed  ## train (eleven stages), evaluate and pac
 RESCORER_OUT ?= weights/spine_mask_rcnn_R_18_FPN_drr_rescorer.json
 rescorer: $(VENV)/.installed  ## fit the shipped checkpoint's rescorer (~10 min on 2 cores; needs 'make data')
 	@test -f $(DETECTRON2_DATASETS)/spine_drr/train.json || { echo "The built-in dataset is missing: run 'make data' first."; exit 1; }
-	$(PY) tools/fit_rescorer.py --config-file $(SHIPPED_CONFIG) --weights $(WEIGHTS_OUT) --out $(RESCORER_OUT)
+	$(PY) tools/fit_rescorer.py --config-file $(SHIPPED_CONFIG) --weights $(WEIGHTS_OUT) --out $(RESCORER_OUT) --cache output/rescorer/detections.pkl
 
 BENCH_ARGS ?=
 BENCH_OUT ?= output/bench

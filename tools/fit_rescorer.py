@@ -57,7 +57,7 @@ def view_filter(dataset: str, first_view: int):
 
 
 def collect(cfg, model, dataset: str, limit: int = 0, image_ids=None) -> list:
-    """Per image: (features N x F, scores N, IoU N x G with the ground truth, class-aware).
+    """Per image: (features N x F, IoU N x G with the ground truth, class-aware).
     ``image_ids``: only these (all when None); ``limit``: the first N of them."""
     import numpy as np
     import torch
@@ -86,12 +86,48 @@ def collect(cfg, model, dataset: str, limit: int = 0, image_ids=None) -> list:
             items.append(
                 (
                     inst.rescore_features.float().numpy(),
-                    inst.scores.float().numpy(),
                     np.asarray(iou).reshape(len(inst), len(g["rles"])),
                 )
             )
     progress.close()
     return items
+
+
+def nms_scores(features):
+    """Each detection's score after NMS, from its ``nms_score_logit`` feature."""
+    import numpy as np
+
+    from spine_d2.modeling.rescorer import FEATURES
+
+    return 1 / (1 + np.exp(-features[:, FEATURES.index("nms_score_logit")]))
+
+
+def load_cache(path: str, key: dict):
+    """(train, val) kept by an earlier run with the same ``key``, else None."""
+    import os
+    import pickle
+
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+    except Exception:  # a cache is disposable: any unreadable one is simply rebuilt
+        return None
+    return data["items"] if isinstance(data, dict) and data.get("key") == key else None
+
+
+def save_cache(path: str, key: dict, items) -> None:
+    import os
+    import pickle
+
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump({"key": key, "items": items}, f)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -111,6 +147,12 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=600, help="full-batch Adam steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-images", type=int, default=0, help="use the first N (0: all)")
+    ap.add_argument(
+        "--cache",
+        default="",
+        help="keep what the model found here (pickle) and reuse it while the config, weights "
+        "and splits are the same: other --hidden / --epochs / --seed refit in seconds",
+    )
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     args = ap.parse_args(argv)
     args.train_dataset = args.train_dataset or ["spine_drr_train"]
@@ -149,15 +191,31 @@ def main(argv=None) -> int:
             )
         heads.collect_rescore_features = True
         model.eval()
-        DetectionCheckpointer(model).load(args.weights)
         start = time.perf_counter()
-        train = []
-        for name, first_view in train_splits:
-            ids = view_filter(name, first_view)
-            train += collect(cfg, model, name, args.max_images, ids)
-        val = collect(cfg, model, args.val_dataset)
-        features = np.concatenate([f for f, _, _ in train])
-        targets = np.concatenate([match_targets(iou, s) for _, s, iou in train])
+        key = {
+            "format": 2,  # (features, IoU) per scan
+            "config": cfg.dump(),
+            "weights_sha256": file_sha256(args.weights),
+            "train": args.train_dataset,
+            "val": args.val_dataset,
+            "max_images": args.max_images,
+        }
+        cached = load_cache(args.cache, key)
+        if cached is not None:
+            logger.info(f"Reusing the detections kept in {args.cache}")
+            train, val = cached
+        else:
+            DetectionCheckpointer(model).load(args.weights)
+            train = []
+            for name, first_view in train_splits:
+                ids = view_filter(name, first_view)
+                train += collect(cfg, model, name, args.max_images, ids)
+            val = collect(cfg, model, args.val_dataset)
+            save_cache(args.cache, key, (train, val))
+        features = np.concatenate([f for f, _ in train])
+        # matched in the order of the scores after NMS (a feature), not of the config's final
+        # scores: those depend on its cut (MASK_RESCORE pivots there), which this run chooses
+        targets = np.concatenate([match_targets(iou, nms_scores(f)) for f, iou in train])
         if len(features) < 2:
             raise SpineError(f"{args.train_dataset}: the model detected nothing to fit on")
         source = {
@@ -176,24 +234,23 @@ def main(argv=None) -> int:
         rescorer, loss = fit_rescorer(
             features, targets, args.hidden, args.epochs, args.seed, source=source
         )
-        val_scores = [rescorer(torch.as_tensor(f)).numpy() for f, _, _ in val]
-        val_ious = [iou for _, _, iou in val]
+        val_scores = [rescorer(torch.as_tensor(f)).numpy() for f, _ in val]
+        val_ious = [iou for _, iou in val]
+        own_scores = [nms_scores(f) for f, _ in val]
         table = []
         for cut in CUTS:
             r, p, f1 = recall_precision(val_ious, val_scores, cut)
+            own = recall_precision(val_ious, own_scores, cut)
             table.append({"cut": cut, "recall": r, "precision": p, "f1": f1})
-        before = recall_precision(val_ious, [s for _, s, _ in val], cfg.SPINE.EVAL.SCORE_THRESH)
+            table[-1].update({"own_recall": own[0], "own_precision": own[1], "own_f1": own[2]})
         cut = choose_cut(table)
         rescorer.source.update(
             {
                 "final_loss": round(loss, 5),
                 "val_dataset": args.val_dataset,
                 "val_images": len(val),
-                "val_before": {
-                    "cut": cfg.SPINE.EVAL.SCORE_THRESH,
-                    "recall": round(before[0], 4),
-                    "precision": round(before[1], 4),
-                },
+                "val_table_note": "recall / precision / f1 with the rescorer; own_*: the "
+                "model's own scores after NMS (no mask rescoring) at the same cut",
                 "val_table": [{k: round(v, 4) for k, v in row.items()} for row in table],
                 "cut": cut,
                 "cut_rule": "largest min(recall, precision) on val_dataset, F1 breaks ties",
@@ -204,15 +261,13 @@ def main(argv=None) -> int:
     except SpineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    logger.info(
-        f"{args.val_dataset} before: recall {before[0]:.4f}, precision {before[1]:.4f} at cut "
-        f"{cfg.SPINE.EVAL.SCORE_THRESH}; with the rescorer:"
-    )
+    logger.info(f"{args.val_dataset}, rescored (the model's own after NMS in brackets):")
     for row in table:
         mark = "  <- chosen" if row["cut"] == cut else ""
         logger.info(
-            f"  cut {row['cut']:.2f}: recall {row['recall']:.4f} precision "
-            f"{row['precision']:.4f} F1 {row['f1']:.4f}{mark}"
+            f"  cut {row['cut']:.2f}: recall {row['recall']:.4f} ({row['own_recall']:.4f}) "
+            f"precision {row['precision']:.4f} ({row['own_precision']:.4f}) "
+            f"F1 {row['f1']:.4f} ({row['own_f1']:.4f}){mark}"
         )
     logger.info(
         f"Wrote {args.out} ({len(features)} detections of {len(train)} scans, loss {loss:.4f}); "

@@ -304,9 +304,20 @@ def fit_rescorer(
     source: Optional[dict] = None,
 ):
     """(DetectionRescorer, final loss): full-batch Adam on binary cross-entropy against the
-    soft ``targets`` in [0, 1]; ``hidden`` 0 = logistic regression. Deterministic for a seed."""
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    y = torch.as_tensor(np.asarray(targets), dtype=torch.float32)
+    soft ``targets`` in [0, 1]; ``hidden`` 0 = logistic regression. Same inputs and seed, same
+    weights: it runs in float64 on one thread, since a multi-threaded float32 sum orders its
+    terms as the threads fall and 600 steps carry the difference into the weights."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit(features, targets, hidden, epochs, seed, lr, weight_decay, source)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(features, targets, hidden, epochs, seed, lr, weight_decay, source):
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(targets), dtype=torch.float64)
     if x.dim() != 2 or x.shape[1] != len(FEATURES) or len(x) != len(y) or len(x) < 2:
         raise ValueError(
             f"fit_rescorer needs N x {len(FEATURES)} features and N targets, N >= 2; got "
@@ -320,12 +331,12 @@ def fit_rescorer(
     layers = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         bound = 1 / fan_in**0.5  # nn.Linear's initialisation, from our own generator
-        weight = (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * bound
-        bias = (torch.rand(fan_out, generator=generator) * 2 - 1) * bound
+        weight = torch.rand(fan_out, fan_in, generator=generator, dtype=torch.float64) * 2 - 1
+        bias = (torch.rand(fan_out, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        weight = weight * bound
         layers.append((weight.requires_grad_(), bias.requires_grad_()))
     params = [t for pair in layers for t in pair]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    rescorer = DetectionRescorer(mean, std, layers, source)
     loss = torch.tensor(float("nan"))
     with torch.enable_grad():
         for _ in range(epochs):
@@ -338,7 +349,9 @@ def fit_rescorer(
             loss = torch.nn.functional.binary_cross_entropy_with_logits(h[:, 0], y)
             loss.backward()
             optimizer.step()
-    rescorer.layers = [(w.detach().clone(), b.detach().clone()) for w, b in layers]
+    rescorer = DetectionRescorer(
+        mean.float(), std.float(), [(w.detach(), b.detach()) for w, b in layers], source
+    )
     return rescorer, float(loss.detach())
 
 

@@ -434,7 +434,9 @@ class LevelROIHeads(StandardROIHeads):
         at inference with SPINE.MASK_RESCORE the scores are re-ranked by the masks."""
         if not self.training:
             instances = super()._forward_mask(features, instances)
-            if self.mask_on and self._wants_rescore_features:
+            # boxes given from outside (forward_with_given_boxes) carry no NMS scores to rescore
+            rescorable = all(inst.has("scores_before_nms") for inst in instances)
+            if self.mask_on and self._wants_rescore_features and rescorable:
                 for inst in instances:
                     inst.rescore_features = rescore_features(
                         inst.pred_boxes.tensor,
@@ -444,8 +446,9 @@ class LevelROIHeads(StandardROIHeads):
                         inst.level_log_probs,
                         inst.image_size,
                     )
-            if self.rescorer is not None:
-                return [self._rescored(inst) for inst in instances]
+                    inst.remove("scores_before_nms")
+                if self.rescorer is not None:
+                    return [self._rescored(inst) for inst in instances]
             if self.mask_on and self.mask_rescore:
                 self._rescore_by_masks(instances)
             return instances

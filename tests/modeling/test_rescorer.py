@@ -215,7 +215,7 @@ def test_level_heads_with_a_pass_through_rescorer_give_the_plain_output(syntheti
     assert torch.allclose(plain.scores, rescored.scores, atol=1e-5)
     assert torch.equal(plain.pred_levels, rescored.pred_levels)
     assert torch.equal(plain.pred_boxes.tensor, rescored.pred_boxes.tensor)
-    assert not rescored.has("rescore_features")
+    assert not rescored.has("rescore_features") and not rescored.has("scores_before_nms")
     features = outputs["collected"].rescore_features
     assert features.shape == (len(plain), len(FEATURES))
     logits = torch.log(plain.scores / (1 - plain.scores))
@@ -254,8 +254,19 @@ def test_fit_rescorer_tool_writes_a_loadable_rescorer(synthetic_train, tmp_path,
     DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model")
     out = tmp_path / "sub" / "rescorer.json"
     common = ["--config-file", INSTANT, "--weights", str(weights), "--val-dataset", synthetic_train]
+    cache = tmp_path / "cache" / "detections.pkl"
     args = [*common, "--train-dataset", synthetic_train, "--epochs", "5", "--out", str(out)]
-    assert module.main(args) == 0
+    assert module.main([*args, "--cache", str(cache)]) == 0
+    first = out.read_text()
+    # the kept detections refit to the same file without running the model again
+    collect = module.collect
+    module.collect = lambda *a, **k: pytest.fail("the cache was not used")
+    out.unlink()
+    assert module.main([*args, "--cache", str(cache)]) == 0
+    module.collect = collect
+    strip = lambda text: {k: v for k, v in json.loads(text)["source"].items() if k != "seconds"}
+    assert strip(out.read_text()) == strip(first)
+    assert json.loads(out.read_text())["layers"] == json.loads(first)["layers"]
     rescorer = DetectionRescorer.load(out)
     source = rescorer.source
     assert source["weights_sha256"] == file_sha256(weights)
