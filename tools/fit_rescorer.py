@@ -39,13 +39,14 @@ def view_filter(dataset: str, first_view: int):
     if not first_view:
         return None
     import json
+    from pathlib import Path
 
     from detectron2.data import MetadataCatalog
 
     from spine_d2.errors import SpineError
 
     json_file = getattr(MetadataCatalog.get(dataset), "json_file", None)
-    images = json.load(open(json_file))["images"] if json_file else []
+    images = json.loads(Path(json_file).read_text())["images"] if json_file else []
     keep = {
         im["id"]
         for im in images

@@ -28,7 +28,6 @@ cannot outvote clear appearance evidence.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import numpy as np
 from ..config import VERTEBRA_LEVELS
 from ..errors import SpineError
 from ..zoi.order import order_along_spine
+from .jsonfile import read_model_json, write_model_json
 
 __all__ = ["LevelPrior", "decode_levels"]
 
@@ -194,31 +194,17 @@ class LevelPrior:
 
     def save(self, path) -> None:
         """Write JSON to a temporary name, then rename: a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         d = self.to_dict()
         levels = ",\n".join(
             f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in d.pop("levels").items()
         )
-        head = json.dumps(d, indent=1)[:-2]  # one level per line: reviewable in a diff
-        tmp.write_text(f'{head},\n "levels": {{\n{levels}\n }}\n}}\n')
-        os.replace(tmp, path)
+        write_model_json(path, d, "levels", f"{{\n{levels}\n }}")  # one level per line
 
     @classmethod
     def load(cls, path) -> "LevelPrior":
         """One-line SpineError naming the file for anything that is not a level prior."""
         path = Path(path)
-        if not path.is_file():
-            raise SpineError(
-                f"{path}: level prior file not found (tools/fit_level_prior.py writes one)"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SpineError(f"{path}: not a JSON level prior ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != PRIOR_FORMAT:
-            raise SpineError(f"{path}: not a level prior (format is not {PRIOR_FORMAT!r})")
+        data = read_model_json(path, "level prior", PRIOR_FORMAT, "tools/fit_level_prior.py")
         if data.get("features") != list(cls.FEATURES):
             raise SpineError(f"{path}: features {data.get('features')} != {list(cls.FEATURES)}")
         try:

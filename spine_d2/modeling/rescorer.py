@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,6 +26,7 @@ from detectron2.layers.mask_ops import paste_masks_in_image
 from detectron2.structures import Boxes, pairwise_iou
 
 from ..errors import SpineError
+from .jsonfile import read_model_json, write_model_json
 
 __all__ = [
     "FEATURES",
@@ -34,6 +34,7 @@ __all__ = [
     "DetectionRescorer",
     "choose_cut",
     "fit_rescorer",
+    "maskness",
     "match_targets",
     "recall_precision",
     "rescore_features",
@@ -208,8 +209,6 @@ class DetectionRescorer:
     def save(self, path) -> None:
         """JSON, one weight row per line (reviewable in a diff), written to a temporary name
         and renamed: a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         d = self.to_json()
 
         def rows(matrix):
@@ -219,23 +218,13 @@ class DetectionRescorer:
             f'  {{"weight": {rows(layer["weight"])},\n   "bias": {json.dumps(layer["bias"])}}}'
             for layer in d.pop("layers")
         )
-        head = json.dumps(d, indent=1)[:-2]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f'{head},\n "layers": [\n{layers}\n ]\n}}\n')
-        os.replace(tmp, path)
+        write_model_json(path, d, "layers", f"[\n{layers}\n ]")
 
     @classmethod
     def load(cls, path) -> "DetectionRescorer":
         """One-line SpineError naming the file for anything that is not a rescorer."""
         path = Path(path)
-        if not path.is_file():
-            raise SpineError(f"{path}: rescorer file not found (tools/fit_rescorer.py writes one)")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SpineError(f"{path}: not a JSON rescorer ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != RESCORER_FORMAT:
-            raise SpineError(f"{path}: not a rescorer (format is not {RESCORER_FORMAT!r})")
+        data = read_model_json(path, "rescorer", RESCORER_FORMAT, "tools/fit_rescorer.py")
         if data.get("features") != list(FEATURES):
             raise SpineError(
                 f"{path}: fitted on features {data.get('features')}, this version computes "

@@ -39,7 +39,7 @@ from fvcore.nn import smooth_l1_loss
 from torch import nn
 
 from .levels import LevelPrior, decode_levels
-from .rescorer import DetectionRescorer, file_sha256, rescore_features
+from .rescorer import DetectionRescorer, file_sha256, maskness, rescore_features
 from .rescue import rescue_chain
 from .soft_nms import SOFT_NMS_METHODS, soft_nms_inference
 
@@ -341,8 +341,11 @@ class LevelROIHeads(StandardROIHeads):
         pred_instances, kept = self._inference(predictions, proposals)
         per_image = level_logits.split([len(p) for p in proposals])
         for inst, idx, logits in zip(pred_instances, kept, per_image):
-            self._label_levels(inst, logits[idx])
-        if self.rescorer is not None:  # levels and the output range follow the new scores
+            if self.rescorer is None:
+                self._label_levels(inst, logits[idx])
+            else:  # decoded, and the output range applied, on the rescorer's scores
+                inst.level_log_probs = F.log_softmax(logits[idx], dim=1)
+        if self.rescorer is not None:
             return pred_instances
         return [self._in_output_range(inst) for inst in pred_instances]
 
@@ -356,12 +359,15 @@ class LevelROIHeads(StandardROIHeads):
     def _inference(self, predictions, proposals: List[Instances]):
         """The box predictor's inference, with soft NMS when SPINE.NMS.METHOD asks for it."""
         predictor = self.box_predictor
+        probs = None
+        if self.nms_method != "hard" or self._wants_rescore_features:
+            probs = predictor.predict_probs(predictions, proposals)
         if self.nms_method == "hard":
             results, kept = predictor.inference(predictions, proposals)
         else:
             results, kept = soft_nms_inference(
                 predictor.predict_boxes(predictions, proposals),
-                predictor.predict_probs(predictions, proposals),
+                probs,
                 [x.image_size for x in proposals],
                 predictor.test_score_thresh,
                 predictor.test_nms_thresh,
@@ -370,7 +376,6 @@ class LevelROIHeads(StandardROIHeads):
                 self.nms_sigma,
             )
         if self._wants_rescore_features:  # the score before suppression is one of them
-            probs = predictor.predict_probs(predictions, proposals)
             for inst, idx, p in zip(results, kept, probs):
                 inst.scores_before_nms = p[idx, inst.pred_classes]
         return results, kept
@@ -467,9 +472,8 @@ class LevelROIHeads(StandardROIHeads):
 
     def _rescored(self, inst: Instances) -> Instances:
         """The rescorer's scores, levels decoded again on them, the output range applied."""
-        if len(inst):
-            inst.scores = self.rescorer(inst.rescore_features).to(inst.scores.dtype)
-            self._label_levels(inst, inst.level_log_probs)  # log_softmax leaves log-probs as is
+        inst.scores = self.rescorer(inst.rescore_features).to(inst.scores.dtype)
+        self._label_levels(inst, inst.level_log_probs)  # log_softmax leaves log-probs as is
         if not self.collect_rescore_features:
             inst.remove("rescore_features")
         return self._in_output_range(inst)
@@ -483,12 +487,10 @@ class LevelROIHeads(StandardROIHeads):
         for inst in instances:
             if len(inst) == 0:
                 continue
-            probs = inst.pred_masks.flatten(1).float()
-            inside = probs > 0.5
-            maskness = (probs * inside).sum(1) / inside.sum(1).clamp(min=1)
+            confidence = maskness(inst.pred_masks)
             scores = inst.scores.float()
             rescored = torch.where(
-                scores >= cut, cut + (scores - cut) * maskness, scores * maskness
+                scores >= cut, cut + (scores - cut) * confidence, scores * confidence
             )
             inst.scores = rescored.to(inst.scores.dtype)
 
