@@ -13,7 +13,7 @@ OUTPUT_DIR ?= $(shell sed -n 's/^OUTPUT_DIR: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' $(
 PYTEST_ARGS ?= -q -n 2 --durations=10
 export DETECTRON2_DATASETS ?= datasets
 
-.PHONY: install test demo demo-clean data data-parts data-small data-aasce level-prior-aasce rescorer train train-pretrained train-aasce train-aasce-gpu study-aasce eval export enhance bench lint clean-venv
+.PHONY: install test demo demo-clean data data-parts data-val24 data-small data-aasce level-prior-aasce rescorer train train-pretrained train-aasce train-aasce-gpu study-aasce eval export enhance bench lint clean-venv
 
 $(VENV)/.installed: setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ data: $(VENV)/.installed  ## generate the built-in DRR dataset under $DETECTRON2
 
 data-parts: $(VENV)/.installed  ## the same scans labelled with the paper's four part classes
 	$(PY) datasets/prepare_spine_drr.py --taxonomy parts --preview $(DATA_ARGS)
+
+data-val24: $(VENV)/.installed  ## 2400 validation scans of 24 unseen views (spine_drr_val24), to choose score cuts on
+	$(PY) datasets/prepare_spine_drr.py --views-val 24 --num-val 2400 --num-train 0 --num-test 0 --out $(DETECTRON2_DATASETS)/spine_drr_val24 --cache $(DETECTRON2_DATASETS)/spine_drr/cache $(DATA_ARGS)
 
 data-small: $(VENV)/.installed  ## the small preset (make demo) under $DETECTRON2_DATASETS/spine_drr_small
 	$(PY) datasets/prepare_spine_drr.py --preset small --preview $(DATA_ARGS)

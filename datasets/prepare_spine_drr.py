@@ -4,6 +4,8 @@
 python datasets/prepare_spine_drr.py                 # default: 2000/200/300 scans
 python datasets/prepare_spine_drr.py --preset small  # demo and tests
 python datasets/prepare_spine_drr.py --taxonomy parts --preview
+python datasets/prepare_spine_drr.py --views-val 24 --num-val 2400 --num-train 0 --num-test 0 \
+    --out datasets/spine_drr_val24 --cache datasets/spine_drr/cache   # unseen-view calibration
 """
 
 import argparse
@@ -26,14 +28,21 @@ def main(argv=None):
     )
     ap.add_argument("--cache", help="base-render cache folder (default <out>/cache)")
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--num-train", type=int)
-    ap.add_argument("--num-val", type=int)
-    ap.add_argument("--num-test", type=int)
+    ap.add_argument("--num-train", type=int, help="scans (0: leave the split empty)")
+    ap.add_argument("--num-val", type=int, help="scans (0: leave the split empty)")
+    ap.add_argument("--num-test", type=int, help="scan pairs x 2 (0: leave the split empty)")
     ap.add_argument(
         "--views-train",
         type=int,
         help="base 3D views of the training split (the first N of a seed"
         " are the same for any larger N; val and test do not depend on it)",
+    )
+    ap.add_argument(
+        "--views-val",
+        type=int,
+        help="base 3D views of the validation split, drawn from the test angle bins (the first N"
+        " are the same for any larger N): a larger set of unseen views to choose operating"
+        " points on, e.g. --views-val 24 --num-val 2400 --num-train 0 --num-test 0",
     )
     ap.add_argument("--size", type=int, help="output scans are SIZE x SIZE pixels")
     ap.add_argument("--bit-depth", type=int, choices=[8, 16])

@@ -25,18 +25,24 @@ CUTS = tuple(round(0.05 * k, 2) for k in range(1, 19))
 
 
 def parse_split(spec: str):
-    """``NAME`` or ``NAME:K`` -> (name, K): K keeps only the scans of base views K and up."""
-    name, _, first = spec.partition(":")
+    """``NAME``, ``NAME:K`` or ``NAME:K-L`` -> (name, K, L): only the scans of base views K and
+    up (to L, inclusive; None: no upper end)."""
+    name, _, views = spec.partition(":")
+    first, dash, last = views.partition("-")
     try:
-        return name, int(first) if first else 0
+        first = int(first) if first else 0
+        last = int(last) if dash else None
     except ValueError:
-        raise SystemExit(f"--train-dataset {spec!r}: expected NAME or NAME:FIRST_VIEW") from None
+        raise SystemExit(f"{spec!r}: expected NAME, NAME:FIRST_VIEW or NAME:FIRST-LAST") from None
+    if first < 0 or (last is not None and last < first):
+        raise SystemExit(f"{spec!r}: view range {views} is empty or negative")
+    return name, first, last
 
 
-def view_filter(dataset: str, first_view: int):
+def view_filter(dataset: str, first_view: int, last_view=None):
     """The image ids of ``dataset`` whose ``base_view`` ("split/index" in the built-in DRR
-    data's COCO file) has an index >= ``first_view``; None when not filtering."""
-    if not first_view:
+    data's COCO file) has an index in [first_view, last_view]; None when not filtering."""
+    if not first_view and last_view is None:
         return None
     import json
     from pathlib import Path
@@ -47,13 +53,16 @@ def view_filter(dataset: str, first_view: int):
 
     json_file = getattr(MetadataCatalog.get(dataset), "json_file", None)
     images = json.loads(Path(json_file).read_text())["images"] if json_file else []
+    last = float("inf") if last_view is None else last_view
     keep = {
         im["id"]
         for im in images
-        if "/" in str(im.get("base_view", "")) and int(im["base_view"].split("/")[1]) >= first_view
+        if "/" in str(im.get("base_view", ""))
+        and first_view <= int(im["base_view"].split("/")[1]) <= last
     }
     if not keep:
-        raise SpineError(f"{dataset}: no scan of a base view >= {first_view} (base_view keys)")
+        span = f">= {first_view}" if last_view is None else f"{first_view}-{last_view}"
+        raise SpineError(f"{dataset}: no scan of a base view {span} (base_view keys)")
     return keep
 
 
@@ -131,6 +140,40 @@ def save_cache(path: str, key: dict, items) -> None:
     os.replace(tmp, path)
 
 
+def fit_on(train, args):
+    """Fit a rescorer on the kept detections of the training splits -> (rescorer, loss, N)."""
+    import numpy as np
+
+    from spine_d2.errors import SpineError
+    from spine_d2.modeling.rescorer import file_sha256, fit_rescorer, match_targets
+
+    if not train:
+        raise SpineError(f"{args.train_dataset}: no scans to fit on")
+    features = np.concatenate([f for f, _ in train])
+    # matched in the order of the scores after NMS (a feature), not of the config's final
+    # scores: those depend on its cut (MASK_RESCORE pivots there), which this run chooses
+    targets = np.concatenate([match_targets(iou, nms_scores(f)) for f, iou in train])
+    if len(features) < 2:
+        raise SpineError(f"{args.train_dataset}: the model detected nothing to fit on")
+    source = {
+        "config": args.config_file,
+        "weights": args.weights,
+        "weights_sha256": file_sha256(args.weights),
+        "train_datasets": list(args.train_dataset),
+        "train_images": len(train),
+        "detections": int(len(features)),
+        "matched": int((targets > 0).sum()),
+        "target": "mask IoU of the matched vertebra (0: none)",
+        "hidden": args.hidden,
+        "epochs": args.epochs,
+        "seed": args.seed,
+    }
+    rescorer, loss = fit_rescorer(
+        features, targets, args.hidden, args.epochs, args.seed, source=source
+    )
+    return rescorer, loss, len(features)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config-file", required=True, help="the config the model runs with")
@@ -141,9 +184,20 @@ def main(argv=None) -> int:
         action="append",
         help="split to fit on (repeat for several; default spine_drr_train); NAME:K keeps the "
         "scans of base views K and up, e.g. the views that --views-train 64 adds to the 32 a "
-        "checkpoint trained on (views it never saw)",
+        "checkpoint trained on (views it never saw); NAME:K-L views K to L",
     )
-    ap.add_argument("--val-dataset", default="spine_drr_val", help="split to choose the cut on")
+    ap.add_argument(
+        "--val-dataset",
+        default="spine_drr_val",
+        help="split to choose the cut on (NAME:K-L as for --train-dataset)",
+    )
+    ap.add_argument(
+        "--recut",
+        metavar="RESCORER_JSON",
+        default="",
+        help="no fit: keep this rescorer and choose its cut again on --val-dataset (e.g. your "
+        "own validation scans); --out gets it with the new cut and table",
+    )
     ap.add_argument("--hidden", type=int, default=32, help="hidden units (0: logistic)")
     ap.add_argument("--epochs", type=int, default=600, help="full-batch Adam steps")
     ap.add_argument("--seed", type=int, default=0)
@@ -169,10 +223,9 @@ def main(argv=None) -> int:
     from spine_d2.engine.trainer import SpineTrainer
     from spine_d2.errors import SpineError
     from spine_d2.modeling.rescorer import (
+        DetectionRescorer,
         choose_cut,
         file_sha256,
-        fit_rescorer,
-        match_targets,
         recall_precision,
     )
 
@@ -180,8 +233,10 @@ def main(argv=None) -> int:
     try:
         opts = ["MODEL.WEIGHTS", args.weights, "SPINE.RESCORER.FILE", "", *args.opts]
         cfg = build_config(args.config_file, opts)
-        train_splits = [parse_split(spec) for spec in args.train_dataset]
-        for name in [n for n, _ in train_splits] + [args.val_dataset]:
+        train_splits = [] if args.recut else [parse_split(spec) for spec in args.train_dataset]
+        val_name, val_first, val_last = parse_split(args.val_dataset)
+        fixed = DetectionRescorer.load(args.recut) if args.recut else None
+        for name in [n for n, _, _ in train_splits] + [val_name]:
             if name not in DatasetCatalog.list():
                 raise SpineError(f"{name}: not a registered dataset (make data generates it)")
         model = SpineTrainer.build_model(cfg)
@@ -197,7 +252,7 @@ def main(argv=None) -> int:
             "format": 2,  # (features, IoU) per scan
             "config": cfg.dump(),
             "weights_sha256": file_sha256(args.weights),
-            "train": args.train_dataset,
+            "train": [] if args.recut else args.train_dataset,
             "val": args.val_dataset,
             "max_images": args.max_images,
         }
@@ -208,33 +263,22 @@ def main(argv=None) -> int:
         else:
             DetectionCheckpointer(model).load(args.weights)
             train = []
-            for name, first_view in train_splits:
-                ids = view_filter(name, first_view)
+            for name, first_view, last_view in train_splits:
+                ids = view_filter(name, first_view, last_view)
                 train += collect(cfg, model, name, args.max_images, ids)
-            val = collect(cfg, model, args.val_dataset)
+            val = collect(cfg, model, val_name, 0, view_filter(val_name, val_first, val_last))
             save_cache(args.cache, key, (train, val))
-        features = np.concatenate([f for f, _ in train])
-        # matched in the order of the scores after NMS (a feature), not of the config's final
-        # scores: those depend on its cut (MASK_RESCORE pivots there), which this run chooses
-        targets = np.concatenate([match_targets(iou, nms_scores(f)) for f, iou in train])
-        if len(features) < 2:
-            raise SpineError(f"{args.train_dataset}: the model detected nothing to fit on")
-        source = {
-            "config": args.config_file,
-            "weights": args.weights,
-            "weights_sha256": file_sha256(args.weights),
-            "train_datasets": list(args.train_dataset),
-            "train_images": len(train),
-            "detections": int(len(features)),
-            "matched": int((targets > 0).sum()),
-            "target": "mask IoU of the matched vertebra (0: none)",
-            "hidden": args.hidden,
-            "epochs": args.epochs,
-            "seed": args.seed,
-        }
-        rescorer, loss = fit_rescorer(
-            features, targets, args.hidden, args.epochs, args.seed, source=source
-        )
+        if fixed is not None:
+            rescorer, loss = fixed, float(fixed.source.get("final_loss", float("nan")))
+            if fixed.source.get("weights_sha256") not in (None, key["weights_sha256"]):
+                logger.warning(
+                    f"{args.recut} was fitted on another checkpoint than {args.weights}: "
+                    "its scores may not rank this one's detections well"
+                )
+            rescorer.source["recut_from"] = args.recut
+            n_fit = int(fixed.source.get("detections", 0))
+        else:
+            rescorer, loss, n_fit = fit_on(train, args)
         val_scores = [rescorer(torch.as_tensor(f)).numpy() for f, _ in val]
         val_ious = [iou for _, iou in val]
         own_scores = [nms_scores(f) for f, _ in val]
@@ -270,9 +314,13 @@ def main(argv=None) -> int:
             f"precision {row['precision']:.4f} ({row['own_precision']:.4f}) "
             f"F1 {row['f1']:.4f} ({row['own_f1']:.4f}){mark}"
         )
+    fitted = (
+        f"the fit of {args.recut} kept"
+        if args.recut
+        else f"{n_fit} detections of {len(train)} scans, loss {loss:.4f}"
+    )
     logger.info(
-        f"Wrote {args.out} ({len(features)} detections of {len(train)} scans, loss {loss:.4f}); "
-        f"set SPINE.RESCORER.FILE to it and the score cuts to {cut}"
+        f"Wrote {args.out} ({fitted}); set SPINE.RESCORER.FILE to it and the score cuts to {cut}"
     )
     return 0
 

@@ -47,6 +47,8 @@ BUILTIN_SPLITS = {
     "spine_drr_parts_train": ("spine_drr_parts/train.json", "spine_drr_parts/images", _PARTS_HOW),
     "spine_drr_parts_val": ("spine_drr_parts/val.json", "spine_drr_parts/images", _PARTS_HOW),
     "spine_drr_parts_test": ("spine_drr_parts/test.json", "spine_drr_parts/images", _PARTS_HOW),
+    # 24 unseen views (test angle bins) of validation scans alone, to choose operating points on
+    "spine_drr_val24": ("spine_drr_val24/val.json", "spine_drr_val24/images", "make data-val24"),
     # --preset small (make demo): its own folder, so the default dataset is never replaced
     "spine_drr_small_train": ("spine_drr_small/train.json", "spine_drr_small/images", _SMALL_HOW),
     "spine_drr_small_val": ("spine_drr_small/val.json", "spine_drr_small/images", _SMALL_HOW),

@@ -884,8 +884,12 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
         )
     for key in ("num_train", "num_val", "num_test", "views_train", "views_val", "views_test"):
         n = getattr(params, key)
-        if n < 1:  # zero views would fail deep in the scan sampler
-            raise DatasetError(out_dir, f"{key} must be at least 1, not {n}")
+        # zero views would fail deep in the scan sampler; zero scans leave a split empty (a
+        # calibration set of validation views alone)
+        if n < (1 if key.startswith("views") else 0):
+            raise DatasetError(out_dir, f"{key} must be at least {int(key[0] == 'v')}, not {n}")
+    if not params.num_train + params.num_val + params.num_test:
+        raise DatasetError(out_dir, "num_train, num_val and num_test are all 0: nothing to make")
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     digest = params.digest()
     meta_file = out_dir / "meta.json"
@@ -906,7 +910,10 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
     counts, view_list, pixels = {}, {}, {}
     for split in SPLITS:
         specs = view_specs(params, split)
-        bases = [render_base_view(ct, s, params, cache_dir) for s in specs]
+        n_scans = {"train": params.num_train, "val": params.num_val, "test": params.num_test}
+        # an empty split's views are listed (they are the seed's) but not rendered
+        todo = specs if n_scans[split] else []
+        bases = [render_base_view(ct, s, params, cache_dir) for s in todo]
         view_list[split] = specs
         coco, pairs = _split_scans(split, bases, params, stage, progress)
         _write_json(stage / f"{split}.json", coco)

@@ -147,11 +147,36 @@ def test_more_training_views_extend_the_first_ones():
         assert D.view_specs(many, split) == D.view_specs(few, split)
 
 
-@pytest.mark.parametrize("key", ["views_train", "num_test"])
-def test_empty_split_or_no_views_is_a_one_line_error(tmp_path, key):
-    with pytest.raises(DatasetError, match=f"{key} must be at least 1, not 0"):
-        D.generate_dataset(tmp_path / "out", replace(PARAMS, **{key: 0}), progress=False)
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"views_train": 0}, "views_train must be at least 1, not 0"),
+        ({"views_val": 0}, "views_val must be at least 1, not 0"),
+        ({"num_test": -1}, "num_test must be at least 0, not -1"),
+        ({"num_train": 0, "num_val": 0, "num_test": 0}, "all 0: nothing to make"),
+    ],
+)
+def test_no_views_or_no_scans_at_all_is_a_one_line_error(tmp_path, change, message):
+    with pytest.raises(DatasetError, match=message):
+        D.generate_dataset(tmp_path / "out", replace(PARAMS, **change), progress=False)
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_validation_only_set_of_more_views(phantom, tmp_path):
+    # --views-val N --num-train 0 --num-test 0: a calibration set of unseen views; its first
+    # views are the default val's, the empty splits' views are listed but not rendered
+    params = replace(PARAMS, views_val=3, num_val=6, num_train=0, num_test=0)
+    assert D.view_specs(params, "val")[: PARAMS.views_val] == D.view_specs(PARAMS, "val")
+    meta = D.generate_dataset(tmp_path / "cal", params, progress=False, ct=phantom)
+    assert meta["counts"]["train"] == {"images": 0, "annotations": 0}
+    assert meta["counts"]["test"] == {"images": 0, "annotations": 0}
+    assert meta["counts"]["val"]["images"] == 6 and meta["counts"]["val"]["annotations"] > 0
+    val = json.loads((tmp_path / "cal" / "val.json").read_text())
+    assert {im["base_view"] for im in val["images"]} <= {"val/0", "val/1", "val/2"}
+    assert len({im["base_view"] for im in val["images"]}) > 1
+    assert json.loads((tmp_path / "cal" / "pairs.json").read_text())["pairs"] == []
+    rendered = list((tmp_path / "cal" / "cache").glob("view-*.npz"))
+    assert len(rendered) == 3  # the val views only
 
 
 def _tree(root):

@@ -273,6 +273,19 @@ def test_fit_rescorer_tool_writes_a_loadable_rescorer(synthetic_train, tmp_path,
     assert source["train_images"] == 6 and source["detections"] > 0
     assert len(source["val_table"]) == len(module.CUTS) and source["cut"] in module.CUTS
     assert not list(out.parent.glob("*.tmp"))
+    # --recut keeps the fit (same layers, same fit record) and only chooses the cut again
+    recut = tmp_path / "recut.json"
+    runs = []
+    module.collect = lambda *a, **k: runs.append(a[2]) or collect(*a, **k)
+    assert module.main([*common, "--recut", str(out), "--out", str(recut)]) == 0
+    module.collect = collect
+    assert runs == [synthetic_train]  # the model ran on the validation split only
+    again = DetectionRescorer.load(recut)
+    assert json.loads(recut.read_text())["layers"] == json.loads(out.read_text())["layers"]
+    for k in ("detections", "train_datasets", "weights_sha256", "final_loss"):
+        assert again.source[k] == source[k]
+    assert again.source["recut_from"] == str(out)
+    assert again.source["val_table"] == source["val_table"] and again.source["cut"] == source["cut"]
     bad = [*common, "--train-dataset", "no_such_split", "--out", str(tmp_path / "x.json")]
     assert module.main(bad) == 1
     assert "no_such_split: not a registered dataset" in capsys.readouterr().err
@@ -301,10 +314,17 @@ def test_the_tool_keeps_the_scans_of_the_views_asked_for(synthetic_coco, tmp_pat
         ids = [image["id"] for image in coco["images"]]
         assert module.view_filter("spine_synthetic_viewed", 4) == set(ids[4:])
         assert module.view_filter("spine_synthetic_viewed", 0) is None
-        assert module.parse_split("spine_drr_v64_train:32") == ("spine_drr_v64_train", 32)
-        assert module.parse_split("spine_drr_train") == ("spine_drr_train", 0)
-        with pytest.raises(SystemExit, match="expected NAME or NAME:FIRST_VIEW"):
+        assert module.view_filter("spine_synthetic_viewed", 0, 1) == set(ids[:2])
+        assert module.view_filter("spine_synthetic_viewed", 2, 3) == set(ids[2:4])
+        with pytest.raises(SpineError, match="no scan of a base view 40-41"):
+            module.view_filter("spine_synthetic_viewed", 40, 41)
+        assert module.parse_split("spine_drr_v64_train:32") == ("spine_drr_v64_train", 32, None)
+        assert module.parse_split("spine_drr_train") == ("spine_drr_train", 0, None)
+        assert module.parse_split("spine_drr_val24_val:12-23") == ("spine_drr_val24_val", 12, 23)
+        with pytest.raises(SystemExit, match="expected NAME, NAME:FIRST_VIEW or NAME:FIRST-LAST"):
             module.parse_split("spine_drr_train:x")
+        with pytest.raises(SystemExit, match="view range 5-2 is empty"):
+            module.parse_split("spine_drr_train:5-2")
     finally:
         DatasetCatalog.remove("spine_synthetic_viewed")
         MetadataCatalog.remove("spine_synthetic_viewed")
