@@ -141,7 +141,7 @@ def save_cache(path: str, key: dict, items) -> None:
 
 
 def fit_on(train, args):
-    """Fit a rescorer on the kept detections of the training splits -> (rescorer, loss, N)."""
+    """Fit a rescorer on the kept detections of the training splits -> (rescorer, loss)."""
     import numpy as np
 
     from spine_d2.errors import SpineError
@@ -168,10 +168,7 @@ def fit_on(train, args):
         "epochs": args.epochs,
         "seed": args.seed,
     }
-    rescorer, loss = fit_rescorer(
-        features, targets, args.hidden, args.epochs, args.seed, source=source
-    )
-    return rescorer, loss, len(features)
+    return fit_rescorer(features, targets, args.hidden, args.epochs, args.seed, source=source)
 
 
 def main(argv=None) -> int:
@@ -212,7 +209,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.train_dataset = args.train_dataset or ["spine_drr_train"]
 
-    import numpy as np
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
@@ -276,9 +272,8 @@ def main(argv=None) -> int:
                     "its scores may not rank this one's detections well"
                 )
             rescorer.source["recut_from"] = args.recut
-            n_fit = int(fixed.source.get("detections", 0))
         else:
-            rescorer, loss, n_fit = fit_on(train, args)
+            rescorer, loss = fit_on(train, args)
         val_scores = [rescorer(torch.as_tensor(f)).numpy() for f, _ in val]
         val_ious = [iou for _, iou in val]
         own_scores = [nms_scores(f) for f, _ in val]
@@ -317,7 +312,7 @@ def main(argv=None) -> int:
     fitted = (
         f"the fit of {args.recut} kept"
         if args.recut
-        else f"{n_fit} detections of {len(train)} scans, loss {loss:.4f}"
+        else f"{rescorer.source['detections']} detections of {len(train)} scans, loss {loss:.4f}"
     )
     logger.info(
         f"Wrote {args.out} ({fitted}); set SPINE.RESCORER.FILE to it and the score cuts to {cut}"

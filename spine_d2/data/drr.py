@@ -886,8 +886,9 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
         n = getattr(params, key)
         # zero views would fail deep in the scan sampler; zero scans leave a split empty (a
         # calibration set of validation views alone)
-        if n < (1 if key.startswith("views") else 0):
-            raise DatasetError(out_dir, f"{key} must be at least {int(key[0] == 'v')}, not {n}")
+        least = 1 if key.startswith("views") else 0
+        if n < least:
+            raise DatasetError(out_dir, f"{key} must be at least {least}, not {n}")
     if not params.num_train + params.num_val + params.num_test:
         raise DatasetError(out_dir, "num_train, num_val and num_test are all 0: nothing to make")
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
@@ -908,9 +909,9 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     counts, view_list, pixels = {}, {}, {}
+    n_scans = {"train": params.num_train, "val": params.num_val, "test": params.num_test}
     for split in SPLITS:
         specs = view_specs(params, split)
-        n_scans = {"train": params.num_train, "val": params.num_val, "test": params.num_test}
         # an empty split's views are listed (they are the seed's) but not rendered
         todo = specs if n_scans[split] else []
         bases = [render_base_view(ct, s, params, cache_dir) for s in todo]

@@ -320,9 +320,9 @@ def _fit(features, targets, hidden, epochs, seed, lr, weight_decay, source):
     layers = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         bound = 1 / fan_in**0.5  # nn.Linear's initialisation, from our own generator
-        weight = torch.rand(fan_out, fan_in, generator=generator, dtype=torch.float64) * 2 - 1
-        bias = (torch.rand(fan_out, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-        weight = weight * bound
+        uniform = dict(generator=generator, dtype=torch.float64)
+        weight = (torch.rand(fan_out, fan_in, **uniform) * 2 - 1) * bound
+        bias = (torch.rand(fan_out, **uniform) * 2 - 1) * bound
         layers.append((weight.requires_grad_(), bias.requires_grad_()))
     params = [t for pair in layers for t in pair]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

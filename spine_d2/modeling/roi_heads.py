@@ -340,13 +340,12 @@ class LevelROIHeads(StandardROIHeads):
             return losses
         pred_instances, kept = self._inference(predictions, proposals)
         per_image = level_logits.split([len(p) for p in proposals])
-        for inst, idx, logits in zip(pred_instances, kept, per_image):
-            if self.rescorer is None:
-                self._label_levels(inst, logits[idx])
-            else:  # decoded, and the output range applied, on the rescorer's scores
+        if self.rescorer is not None:  # levels and the output range follow its scores (_rescored)
+            for inst, idx, logits in zip(pred_instances, kept, per_image):
                 inst.level_log_probs = F.log_softmax(logits[idx], dim=1)
-        if self.rescorer is not None:
             return pred_instances
+        for inst, idx, logits in zip(pred_instances, kept, per_image):
+            self._label_levels(inst, logits[idx])
         return [self._in_output_range(inst) for inst in pred_instances]
 
     def _in_output_range(self, inst: Instances) -> Instances:
