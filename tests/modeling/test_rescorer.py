@@ -4,6 +4,7 @@ LevelROIHeads path (a rescorer that passes the NMS score through gives the plain
 
 import importlib.util
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -243,7 +244,9 @@ def test_a_rescorer_fitted_on_another_checkpoint_is_reported(tmp_path, caplog):
         assert ("fitted on the predictions of another checkpoint" in caplog.text) == warned
 
 
-def test_fit_rescorer_tool_writes_a_loadable_rescorer(synthetic_train, tmp_path, capsys):
+def test_fit_rescorer_tool_writes_a_loadable_rescorer(
+    synthetic_train, tmp_path, capsys, caplog, monkeypatch
+):
     tool = Path(__file__).resolve().parents[2] / "tools" / "fit_rescorer.py"
     spec = importlib.util.spec_from_file_location("fit_rescorer", tool)
     module = importlib.util.module_from_spec(spec)
@@ -286,6 +289,20 @@ def test_fit_rescorer_tool_writes_a_loadable_rescorer(synthetic_train, tmp_path,
         assert again.source[k] == source[k]
     assert again.source["recut_from"] == str(out)
     assert again.source["val_table"] == source["val_table"] and again.source["cut"] == source["cut"]
+    # a rescorer of another checkpoint is recut with a warning; a file that is not one, refused
+    other = json.loads(out.read_text())
+    other["source"]["weights_sha256"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    logger = logging.getLogger("test_fit_rescorer")
+    monkeypatch.setattr("detectron2.utils.logger.setup_logger", lambda **kwargs: logger)
+    with caplog.at_level("WARNING", logger="test_fit_rescorer"):
+        recut_other = [*common, "--recut", str(tmp_path / "other.json"), "--out", str(recut)]
+        assert module.main(recut_other) == 0
+    assert "other.json was fitted on another checkpoint than" in caplog.text
+    (tmp_path / "not.json").write_text('{"format": "something else"}')
+    recut_bad = [*common, "--recut", str(tmp_path / "not.json"), "--out", str(tmp_path / "x.json")]
+    assert module.main(recut_bad) == 1
+    assert "not.json: not a rescorer (format is not" in capsys.readouterr().err
     bad = [*common, "--train-dataset", "no_such_split", "--out", str(tmp_path / "x.json")]
     assert module.main(bad) == 1
     assert "no_such_split: not a registered dataset" in capsys.readouterr().err
