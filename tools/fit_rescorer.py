@@ -71,23 +71,27 @@ def collect(cfg, model, dataset: str, limit: int = 0, image_ids=None) -> list:
     ``image_ids``: only these (all when None); ``limit``: the first N of them."""
     import numpy as np
     import torch
+    from detectron2.data import DatasetCatalog, build_detection_test_loader
     from tqdm import tqdm
 
-    from spine_d2.engine.trainer import SpineTrainer
+    from spine_d2.data.mapper import XrayDatasetMapper
     from spine_d2.evaluation.vertebra import _load_ground_truth, class_aware_iou, masks_to_rles
 
     gt = _load_ground_truth(dataset)
-    loader = SpineTrainer.build_test_loader(cfg, dataset)
-    wanted = len(gt) if image_ids is None else len(image_ids)
-    total = min(wanted, limit) if limit else wanted
+    # only the wanted scans are read and mapped (views of other ranges are not even loaded)
+    records = [
+        r for r in DatasetCatalog.get(dataset) if image_ids is None or r["image_id"] in image_ids
+    ]
+    records = records[:limit] if limit else records
+    loader = build_detection_test_loader(
+        records,
+        mapper=XrayDatasetMapper(cfg, is_train=False),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+    )
     items = []
-    progress = tqdm(total=total, desc=f"fit_rescorer {dataset}", unit="scan")
+    progress = tqdm(total=len(records), desc=f"fit_rescorer {dataset}", unit="scan")
     with torch.no_grad():
         for batch in loader:
-            if limit and len(items) >= limit:
-                break
-            if image_ids is not None and batch[0]["image_id"] not in image_ids:
-                continue
             progress.update()
             inst = model(batch)[0]["instances"].to("cpu")
             g = gt[batch[0]["image_id"]]

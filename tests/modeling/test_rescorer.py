@@ -313,8 +313,9 @@ def test_fit_rescorer_tool_writes_a_loadable_rescorer(
     assert not (tmp_path / "x.json").exists()
 
 
-def test_the_tool_keeps_the_scans_of_the_views_asked_for(synthetic_coco, tmp_path):
+def test_the_tool_keeps_the_scans_of_the_views_asked_for(synthetic_coco, tmp_path, monkeypatch):
     from spine_d2.data.datasets import register_spine_coco
+    from spine_d2.data.mapper import XrayDatasetMapper
 
     tool = Path(__file__).resolve().parents[2] / "tools" / "fit_rescorer.py"
     spec = importlib.util.spec_from_file_location("fit_rescorer", tool)
@@ -342,6 +343,29 @@ def test_the_tool_keeps_the_scans_of_the_views_asked_for(synthetic_coco, tmp_pat
             module.parse_split("spine_drr_train:x")
         with pytest.raises(SystemExit, match="view range 5-2 is empty"):
             module.parse_split("spine_drr_train:5-2")
+        # the model runs on those scans, the first N with a limit; no other scan is even read
+        cfg = build_config(INSTANT)
+        model = build_model(cfg).eval()
+        model.roi_heads.collect_rescore_features = True
+        read = []
+        call = XrayDatasetMapper.__call__
+        monkeypatch.setattr(
+            XrayDatasetMapper,
+            "__call__",
+            lambda self, d: read.append(d["image_id"]) or call(self, d),
+        )
+        items = module.collect(cfg, model, "spine_synthetic_viewed", 0, set(ids[2:4]))
+        assert read == ids[2:4] and len(items) == 2
+        assert [iou.shape[1] for _, iou in items] == [
+            len(coco_annotations_of(coco, i)) for i in ids[2:4]
+        ]
+        read.clear()
+        assert len(module.collect(cfg, model, "spine_synthetic_viewed", 1, set(ids[2:4]))) == 1
+        assert read == ids[2:3]
     finally:
         DatasetCatalog.remove("spine_synthetic_viewed")
         MetadataCatalog.remove("spine_synthetic_viewed")
+
+
+def coco_annotations_of(coco: dict, image_id) -> list:
+    return [a for a in coco["annotations"] if a["image_id"] == image_id and not a.get("iscrowd")]
