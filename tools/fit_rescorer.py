@@ -71,23 +71,19 @@ def collect(cfg, model, dataset: str, limit: int = 0, image_ids=None) -> list:
     ``image_ids``: only these (all when None); ``limit``: the first N of them."""
     import numpy as np
     import torch
-    from detectron2.data import DatasetCatalog, build_detection_test_loader
+    from detectron2.data import DatasetCatalog
     from tqdm import tqdm
 
-    from spine_d2.data.mapper import XrayDatasetMapper
+    from spine_d2.engine.trainer import SpineTrainer
     from spine_d2.evaluation.vertebra import _load_ground_truth, class_aware_iou, masks_to_rles
 
-    gt = _load_ground_truth(dataset)
-    # only the wanted scans are read and mapped (views of other ranges are not even loaded)
+    # only the wanted scans are read, mapped and given ground truth
     records = [
         r for r in DatasetCatalog.get(dataset) if image_ids is None or r["image_id"] in image_ids
     ]
     records = records[:limit] if limit else records
-    loader = build_detection_test_loader(
-        records,
-        mapper=XrayDatasetMapper(cfg, is_train=False),
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
-    )
+    gt = _load_ground_truth(dataset, records)
+    loader = SpineTrainer.build_test_loader(cfg, dataset, records)
     items = []
     progress = tqdm(total=len(records), desc=f"fit_rescorer {dataset}", unit="scan")
     with torch.no_grad():

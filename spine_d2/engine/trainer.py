@@ -149,9 +149,14 @@ class SpineTrainer(DefaultTrainer):
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
 
     @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
+    def build_test_loader(cls, cfg, dataset_name, records=None):
+        """The scans of ``dataset_name`` in order; ``records``: only these dataset dicts of it
+        (the others are never read)."""
+        mapper = XrayDatasetMapper(cfg, is_train=False)
+        if records is None:
+            return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
         return build_detection_test_loader(
-            cfg, dataset_name, mapper=XrayDatasetMapper(cfg, is_train=False)
+            records, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
         )
 
     @classmethod

@@ -496,11 +496,12 @@ def _on_crowd(gt, pred, matched, thresh):
     return int(np.any((cover >= thresh) & same, axis=1).sum())
 
 
-def _load_ground_truth(dataset_name):
+def _load_ground_truth(dataset_name, records=None):
     """image_id -> {"file_name", "size", "rles", "classes", "levels", "truncated", "crowd_rles",
-    "crowd_classes"}; the per-GT lists are aligned, None where an attribute is absent."""
+    "crowd_classes"}; the per-GT lists are aligned, None where an attribute is absent.
+    ``records``: only these dataset dicts of it (all of them when None)."""
     gt = OrderedDict()
-    for record in DatasetCatalog.get(dataset_name):
+    for record in DatasetCatalog.get(dataset_name) if records is None else records:
         h, w = int(record["height"]), int(record["width"])
         entry = {
             "file_name": record.get("file_name"),
