@@ -43,13 +43,13 @@ data-small: $(VENV)/.installed  ## the small preset (make demo) under $DETECTRON
 
 # Real radiographs: AASCE 2019 (research use only; read where it lies, never copied).
 AASCE_SRC ?= ../shared/data/aasce
-# The default for real data: the shipped DRR checkpoint fine-tuned on the films (the study's
-# arm c'''), then cosine cycles of 3600 iterations, each from the last one's final model
-# (README, "The real-data default"); stage 5 weighs T1 and L5 up in the losses (README, Results).
-# Each stage resumes where it stopped. AASCE_STAGES="1 short2" runs the shorter recipe (about
-# 1.8 h, within 0.01 of the default on the targets, 3.5 segm AP under it; "1 short2 short3" adds a
-# cycle that did not help; README, "Real radiographs"): a word w names ..._drr_w_cpu.yaml where
-# that exists, anything else (a number k) ..._drr_stagek_cpu.yaml.
+# The default for real data: the shipped DRR checkpoint fine-tuned on the films (the study's arm
+# c'''), then cosine cycles of 3600 iterations, each from the last one's final model
+# (docs/results-aasce.md, "The real-data default"); stage 5 weighs T1 and L5 up in the losses
+# (README, "Results"). Each stage resumes where it stopped. AASCE_STAGES="1 short2" runs the shorter
+# recipe (about 1.8 h, within 0.01 of the default on the targets, 3.5 segm AP under it; "1 short2
+# short3" adds a cycle that did not help; docs/results-aasce.md, "A shorter recipe from v6"): a word
+# w names ..._drr_w_cpu.yaml where that exists, anything else (a number k) ..._drr_stagek_cpu.yaml.
 AASCE_STAGES ?= 1 2 3 4 5
 aasce_cfg = configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_$(1)_cpu.yaml
 aasce_stage = $(call aasce_cfg,$(if $(wildcard $(call aasce_cfg,$(1))),$(1),stage$(1)))
@@ -74,7 +74,8 @@ train-aasce-gpu: $(VENV)/.installed  ## the real-data recipe on one GPU: the DRR
 	@test -f $(DETECTRON2_DATASETS)/spine_aasce/train.json || { echo "The AASCE dataset is missing: run 'make data-aasce' first."; exit 1; }
 	$(PY) tools/train_net.py --config-file $(AASCE_GPU_CONFIG) --resume
 
-# The sim-to-real study (README, "Real radiographs"): three arms at equal iterations, one table.
+# The sim-to-real study (docs/results-aasce.md, "Sim-to-real study"): three arms at equal
+# iterations, one table.
 STUDY_A := configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_scratch_cpu.yaml
 STUDY_B := configs/aasce/spine_mask_rcnn_R_18_FPN_drr_body_cpu.yaml
 STUDY_C := configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_cpu.yaml
@@ -139,8 +140,8 @@ train-pretrained: $(VENV)/.installed  ## train (eleven stages), evaluate and pac
 	    SPINE.RESCORER.FILE $(RESCORER_OUT) SPINE.LEVEL_HEAD.SCORE_THRESH $$cut SPINE.EVAL.SCORE_THRESH $$cut ZOI.SCORE_THRESH $$cut
 	$(PY) tools/package_weights.py $(PRETRAIN_PACK) --out $(WEIGHTS_OUT) --eval $(PRETRAIN_DIR)_eval_fp16/inference/eval_results.json
 
-# The shipped checkpoint's learned rescorer (README, "The learned rescorer"): fitted on its
-# predictions on spine_drr_train, the cut chosen on spine_drr_val; deterministic.
+# The shipped checkpoint's learned rescorer (docs/results-drr.md, "The learned rescorer"): fitted
+# on its predictions on spine_drr_train, the cut chosen on spine_drr_val; deterministic.
 RESCORER_OUT ?= weights/spine_mask_rcnn_R_18_FPN_drr_rescorer.json
 rescorer: $(VENV)/.installed  ## fit the shipped checkpoint's rescorer (~10 min on 2 cores; needs 'make data')
 	@test -f $(DETECTRON2_DATASETS)/spine_drr/train.json || { echo "The built-in dataset is missing: run 'make data' first."; exit 1; }

@@ -7,8 +7,8 @@ SPINE.LEVELS), matches detections to the ground truth as VertebraEvaluator does 
 mask IoU >= 0.5) and reports the level accuracy of the matched ones for each
 ``SPINE.LEVEL_HEAD.SPACING_WEIGHT`` in ``--spacing-weights`` (at the config's prior weight) and
 for each ``SPINE.LEVEL_HEAD.PRIOR_WEIGHT`` in ``--prior-weights`` (framing prior of
-``--prior-file``, default the config's; at the config's spacing weight). README, levels.
-Choose weights on a training split, confirm them on the test split.
+``--prior-file``, default the config's; at the config's spacing weight). README, "CPU training
+recipe and levels". Choose weights on a training split, confirm them on the test split.
 
     python benchmarks/bench_levels.py        # checkpoint v3 on spine_drr_test
     python benchmarks/bench_levels.py --config-file configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage1_cpu.yaml \\

@@ -8,7 +8,7 @@ evaluators (COCO segm + VertebraEvaluator) every combination of ``--thresholds``
 detectron2's paste binarises the 28x28 probabilities; it uses 0.5) and {plain masks, mean of the
 plain and the un-mirrored flipped probabilities}. The boxes never change, so box AP and the
 set of detections are the same in every variant; only the masks (and so mask-IoU matching) do.
-README, "Masks are what holds segm AP back".
+docs/results-drr.md, "Masks are what holds segm AP back".
 
     python benchmarks/bench_masks.py                  # the shipped checkpoint on spine_drr_val
     python benchmarks/bench_masks.py --config-file configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage1_cpu.yaml \\

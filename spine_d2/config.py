@@ -91,8 +91,8 @@ def add_spine_config(cfg):
     _C.SPINE.LEVEL_HEAD.SCORE_THRESH = 0.5  # detections this confident are decoded jointly
     _C.SPINE.LEVEL_HEAD.SKIP_COST = 2.0  # nats per level skipped between neighbours (a miss)
     _C.SPINE.LEVEL_HEAD.REPEAT_COST = 4.0  # nats for one level on two neighbours (a duplicate)
-    # nats per squared level between a jump and the spacing ratio of two neighbours; 0 = off
-    # (helps on full-spine films, hurts on cropped DRR views: README, Real radiographs)
+    # nats per squared level between a jump and the spacing ratio of two neighbours; 0 = off (helps
+    # on full-spine films, hurts on cropped DRR views: README, "CPU training recipe and levels")
     _C.SPINE.LEVEL_HEAD.SPACING_WEIGHT = 0.0
     # Framing prior (modeling.levels.LevelPrior, written by tools/fit_level_prior.py): JSON path
     # and its weight in the decoder (nats per nat of prior log-likelihood); 0 = off
@@ -101,7 +101,7 @@ def add_spine_config(cfg):
     # Context branch (modeling/roi_heads.py): > 1 also pools each proposal's box enlarged this
     # many times (ribs, pelvis: what tells T1 from C7, L5 from S1) into the class and level
     # logits, through zero-initialised layers; 0 = off (3.0 in a 1200-iteration AASCE fine-tune
-    # found T1 and L5 no more often: README, The real-data default)
+    # found T1 and L5 no more often: docs/results-aasce.md, "The real-data default")
     _C.SPINE.LEVEL_HEAD.CONTEXT_SCALE = 0.0
     # Loss weights by level, e.g. [["T1", 2.0], ["L5", 3.0]]: foreground proposals matched to a
     # vertebra of a listed level weigh this much in the box classification, box regression and

@@ -4,8 +4,8 @@ below L5 on the AASCE films.
 Why: full-spine AP films show C7 and S1 but AASCE annotates T1..L5 only, so a model fine-tuned
 on them learns that C7 and S1 are background and has no name for them. When it finds one anyway
 (it looks like any vertebral body), the level branch calls it T1 (or L5) and every level of the
-film slides by one: the largest share of the real-data level errors (README, "Real
-radiographs"). A model's own detections just above the top annotated body and just below the
+film slides by one: the largest share of the real-data level errors (docs/results-aasce.md,
+"Naming C7 and S1"). A model's own detections just above the top annotated body and just below the
 bottom one, one spacing away along the spine and overlapping no annotation, are those
 vertebrae. Added under the next level's name and flagged ``pseudo``, they teach the detector
 that C7 and S1 are vertebral bodies and the level branch what to call them; at inference

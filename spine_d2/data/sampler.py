@@ -2,7 +2,7 @@
 
 detectron2 concatenates the datasets of DATASETS.TRAIN, so each one's share of the stream is its
 share of the images: 2000 DRR scans would drown 368 real films. Mixing at a set share is what a
-sim-to-real study's "mixed loader" arm needs (README, Real radiographs)."""
+sim-to-real study's "mixed loader" arm needs (docs/results-aasce.md, "A mixed loader")."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Confidence intervals for VertebraEvaluator's ratios, by resampling images.
 
-Recall, precision, Dice and level accuracy are ratios of sums over vertebrae, but vertebrae of
-one film are not independent: a film whose chain slid by one level has all its levels wrong at
-once, a dark pelvis hides L5 and L4 together. So the unit of resampling is the image (film),
-the way a new test set would differ: resample images with replacement, recompute each ratio of
-sums, take the percentile interval. On 91 AASCE films a level accuracy of 0.86 comes with an
-interval about +-0.03 wide (README, Real radiographs): a change of 0.01 between two models is
+Recall, precision, Dice and level accuracy are ratios of sums over vertebrae, but vertebrae of one
+film are not independent: a film whose chain slid by one level has all its levels wrong at once, a
+dark pelvis hides L5 and L4 together. So the unit of resampling is the image (film), the way a new
+test set would differ: resample images with replacement, recompute each ratio of sums, take the
+percentile interval. On 91 AASCE films a level accuracy of 0.86 comes with an interval about +-0.03
+wide (docs/results-aasce.md, "How sure these figures are"): a change of 0.01 between two models is
 not evidence by itself. ``paired_difference`` compares two evaluations of the same images on the
 same resamples, which cancels the films both find hard and is far tighter than two separate
 intervals.

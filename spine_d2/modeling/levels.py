@@ -8,13 +8,13 @@ confident vertebra (C7's long process, T1's first rib pair, L1 without ribs) fix
 neighbours.
 
 The spacing between consecutive detections is evidence too: about one local spacing between
-neighbours, about two where the detector missed the vertebra between them, about none between
-a vertebra and its duplicate. With ``spacing_weight`` > 0 a jump of k levels (k = 0: a repeat)
-across a spacing ratio r costs ``spacing_weight * (k - r)**2`` more, so a chain of look-alike
-thoracic vertebrae cannot slide by one level, skip one, nor name two vertebrae alike, against
-the geometry. Whether that helps depends on how regular the spacing of a dataset is (README,
-Real radiographs): full-spine films yes, cropped DRR views with slivers at their edges no, hence
-off by default.
+neighbours, about two where the detector missed the vertebra between them, about none between a
+vertebra and its duplicate. With ``spacing_weight`` > 0 a jump of k levels (k = 0: a repeat) across
+a spacing ratio r costs ``spacing_weight * (k - r)**2`` more, so a chain of look-alike thoracic
+vertebrae cannot slide by one level, skip one, nor name two vertebrae alike, against the geometry.
+Whether that helps depends on how regular the spacing of a dataset is (README, "CPU training recipe
+and levels"): full-spine films yes, cropped DRR views with slivers at their edges no, hence off by
+default.
 
 A ``LevelPrior`` adds where each level sits: how far down the film its centre lies and how wide
 it is next to the film's other vertebrae (T1 narrow, L5 wide), fitted from a training split's

@@ -1,15 +1,15 @@
 """A learned rescorer: each detection's score from how it sits among the others.
 
-Neighbouring vertebrae in oblique views overlap as much as a duplicate overlaps its original
-(box IoU 0.6-0.8), so no NMS rule on one overlap measure keeps the one and drops the other
-(README, "The misses by kind"). What tells them apart is several cues at once: a duplicate
-covers the same pixels (mask IoU ~0.87 with the detection above it) and the level branch names
-the same level for both; a neighbour's own detection overlaps less (mask IoU ~0.57), is shifted
-along the spine and is named another level. :class:`DetectionRescorer` is a small MLP over such
-features (``FEATURES``), fitted by ``tools/fit_rescorer.py`` on a model's predictions on its
-training split to predict the mask IoU of the vertebra each detection would be matched to (0 for
-a duplicate or a false detection), Mask Scoring R-CNN's target from the outside of the model.
-The features come from the model's own outputs at inference, in the model's input frame, by
+Neighbouring vertebrae in oblique views overlap as much as a duplicate overlaps its original (box
+IoU 0.6-0.8), so no NMS rule on one overlap measure keeps the one and drops the other
+(docs/results-drr.md, "The misses by kind"). What tells them apart is several cues at once: a
+duplicate covers the same pixels (mask IoU ~0.87 with the detection above it) and the level branch
+names the same level for both; a neighbour's own detection overlaps less (mask IoU ~0.57), is
+shifted along the spine and is named another level. :class:`DetectionRescorer` is a small MLP over
+such features (``FEATURES``), fitted by ``tools/fit_rescorer.py`` on a model's predictions on its
+training split to predict the mask IoU of the vertebra each detection would be matched to (0 for a
+duplicate or a false detection), Mask Scoring R-CNN's target from the outside of the model. The
+features come from the model's own outputs at inference, in the model's input frame, by
 :func:`rescore_features`: the same code path in fitting and use.
 """
 

@@ -1,15 +1,15 @@
 """Chain rescue: on films that show a known number of vertebrae, accept below-cut detections
 that fill the chain.
 
-A full-spine AP film shows T1..L5, 17 bodies. Where fewer than that are detected confidently,
-the model usually did see the missing ones, with a score under the cut: L5 in the pelvis and T1
-under the clavicles most of all (``tools/error_report.py --kinds``: 82 of 194 misses of the GPU
-real-data model are ``low_score``). A low score alone is not evidence enough (a lower global cut
-lets in as many false bodies as true ones: README, Real radiographs), but a low score *where the
-chain says a body is missing* is: in a gap of about two spacings between confident neighbours,
-or one spacing past either end of the chain, in line with it, not overlapping a confident body.
-Nothing is rescued when the confident detections already reach the expected count, so complete
-films cannot gain false bodies.
+A full-spine AP film shows T1..L5, 17 bodies. Where fewer than that are detected confidently, the
+model usually did see the missing ones, with a score under the cut: L5 in the pelvis and T1 under
+the clavicles most of all (``tools/error_report.py --kinds``: 82 of 194 misses of the GPU real-data
+model are ``low_score``). A low score alone is not evidence enough (a lower global cut lets in as
+many false bodies as true ones: docs/results-aasce.md, "Chain rescue"), but a low score *where the
+chain says a body is missing* is: in a gap of about two spacings between confident neighbours, or
+one spacing past either end of the chain, in line with it, not overlapping a confident body. Nothing
+is rescued when the confident detections already reach the expected count, so complete films cannot
+gain false bodies.
 
 Only geometry and scores are used (boxes, before masks), so ``LevelROIHeads`` runs it before the
 level decoding and the rescued bodies are named with the others.

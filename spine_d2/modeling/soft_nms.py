@@ -1,12 +1,12 @@
 """Soft non-maximum suppression (Bodla et al., ICCV 2017) for the box predictor's inference.
 
-Neighbouring vertebrae in oblique views overlap as much as a duplicate overlaps its original
-(box IoU 0.5-0.7), so no hard NMS threshold keeps the one and drops the other (README, "The
+Neighbouring vertebrae in oblique views overlap as much as a duplicate overlaps its original (box
+IoU 0.5-0.7), so no hard NMS threshold keeps the one and drops the other (docs/results-drr.md, "The
 misses by kind"). Soft NMS does not delete an overlapping detection: it lowers its score, so the
-vertebrae that hard NMS deleted come back ranked below every clean detection. With the linear
-rule at NMS_THRESH_TEST 0.5 a demoted detection keeps at most (1 - IoU) < 0.5 of its score, so
-the operating point at score 0.5 (VertebraEvaluator, ZOI export) is hard NMS's, while COCO AP,
-which ranks every detection, gains from the neighbours that were deleted before.
+vertebrae that hard NMS deleted come back ranked below every clean detection. With the linear rule
+at NMS_THRESH_TEST 0.5 a demoted detection keeps at most (1 - IoU) < 0.5 of its score, so the
+operating point at score 0.5 (VertebraEvaluator, ZOI export) is hard NMS's, while COCO AP, which
+ranks every detection, gains from the neighbours that were deleted before.
 """
 
 from __future__ import annotations

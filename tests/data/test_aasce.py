@@ -197,7 +197,8 @@ def test_known_label_error_of_the_readme_is_fixed():
 
 @needs_aasce
 def test_film_labelled_on_the_discs_is_skipped():
-    # this film's quads lie on the discs (README, Real radiographs); the next film is fine
+    # this film's quads lie on the discs (docs/results-aasce.md, "Label errors in the val films");
+    # the next film is fine
     labels = AASCE_DIR / "labels/training"
     res = check_vertebrae(read_landmarks(labels / "sunhl-1th-06-Jan-2017-184 A AP.jpg.mat"))
     assert res.skip_reason.startswith("disc_shift:")
