@@ -57,14 +57,44 @@ _HASHED_ZOI_KEYS = (
 )
 
 
+# SPINE nodes that change what the model outputs at inference (decoding of levels, ranking,
+# rescue, rescorer); the rest of SPINE (datasets, optimizer, evaluation) does not.
+_HASHED_SPINE_KEYS = ("LEVELS", "LEVEL_HEAD", "NMS", "MASK_RESCORE", "RESCORER")
+
+
+def _side_file_sha256(path: str) -> str:
+    """Content hash of a side file the config names (a refitted rescorer or level prior at the
+    same path changes the export); "" when unset, "missing" when it cannot be read (the model
+    build reports that)."""
+    if not path:
+        return ""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return "missing"
+
+
 def model_hash(cfg, model, config_file: str = "") -> dict:
     """The manifest's ``model`` field: hashes of the export-relevant config and of the weights
-    as loaded (the state dict, so a random init or an in-memory model is hashed too)."""
+    as loaded (the state dict, so a random init or an in-memory model is hashed too). Relevant is
+    everything that changes an export's content: the model, the test-time input (size, channels,
+    the fixed equalization), the level decoding and scoring (``SPINE``: including the contents
+    of the rescorer and level-prior files) and the ZOI settings. A resumed export skips a scan
+    only when this is unchanged; leaving one out would keep stale ZOIs after a change."""
     relevant = {
         "MODEL": {k: v for k, v in cfg.MODEL.items() if k not in ("DEVICE", "WEIGHTS")},
-        "INPUT": [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.XRAY.CHANNELS],
+        "INPUT": [
+            cfg.INPUT.MIN_SIZE_TEST,
+            cfg.INPUT.MAX_SIZE_TEST,
+            cfg.INPUT.XRAY.CHANNELS,
+            dict(cfg.INPUT.XRAY.EQUALIZE),
+        ],
         "ZOI": {k: cfg.ZOI[k] for k in _HASHED_ZOI_KEYS},
-        "LEVELS": list(cfg.SPINE.LEVELS),
+        "SPINE": {k: cfg.SPINE[k] for k in _HASHED_SPINE_KEYS},
+        "FILES": [
+            _side_file_sha256(cfg.SPINE.RESCORER.FILE),
+            _side_file_sha256(cfg.SPINE.LEVEL_HEAD.PRIOR_FILE),
+        ],
     }
     config_sha = hashlib.sha256(
         json.dumps(relevant, sort_keys=True, default=str).encode()

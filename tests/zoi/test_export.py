@@ -221,3 +221,40 @@ def test_rescued_bodies_are_exported_unless_the_export_cut_is_the_stricter(expor
     assert exporter()._keep_rescued  # 0.5 and the level decoder's 0.5
     assert not exporter("ZOI.SCORE_THRESH", "0.7")._keep_rescued
     assert exporter("ZOI.SCORE_THRESH", "0.3")._keep_rescued
+
+
+def test_the_resume_key_changes_with_whatever_changes_the_export(
+    random_model, export_cfg, tmp_path
+):
+    """A rerun skips scans whose manifest line carries the same model hash, so every setting
+    that changes the ZOIs or their levels must change it (else stale ZOIs survive a change), and
+    settings that only change speed or evaluation must not (else a rerun redoes everything)."""
+    from spine_d2.zoi.export import model_hash
+
+    def key(*opts):
+        return model_hash(export_cfg(*opts), random_model)["hash"]
+
+    base = key()
+    assert key("ZOI.BATCH_SIZE", "1") == base
+    assert key("ZOI.NUM_WORKERS", "1") == base
+    assert key("SPINE.EVAL.BOOTSTRAP", "0") == base
+    assert key("SPINE.EVAL.SCORE_THRESH", "0.3") == base
+    changed = [
+        ("SPINE.LEVEL_HEAD.SCORE_THRESH", "0.3"),
+        ("SPINE.LEVEL_HEAD.SPACING_WEIGHT", "8.0"),
+        ("SPINE.LEVEL_HEAD.RESCUE.EXPECTED", "17"),
+        ("SPINE.NMS.METHOD", "linear"),
+        ("SPINE.MASK_RESCORE", "True"),
+        ("INPUT.XRAY.EQUALIZE.ENABLED", "True"),
+        ("ZOI.MARGIN", "0"),
+    ]
+    keys = [key(k, v) for k, v in changed]
+    assert base not in keys and len(set(keys)) == len(keys), dict(zip(changed, keys))
+
+    # a side file refitted at the same path changes the key through its contents
+    prior = tmp_path / "prior.json"
+    prior.write_text('{"a": 1}')
+    first = key("SPINE.LEVEL_HEAD.PRIOR_FILE", str(prior))
+    assert first != base
+    prior.write_text('{"a": 2}')
+    assert key("SPINE.LEVEL_HEAD.PRIOR_FILE", str(prior)) != first
