@@ -178,4 +178,8 @@ def add_spine_config(cfg):
     _C.ZOI.ANCHOR_LEVEL = ""  # level of the top (or bottom) vertebra found, e.g. "C2"; "" = none
     _C.ZOI.ANCHOR_AT = "top"  # which end ANCHOR_LEVEL names: "top" or "bottom"
     _C.ZOI.GAP_FACTOR = 1.6  # spacing > this x neighbouring spacings = suspected missed vertebra
+    # [first, last] levels every scan shows (full-spine AP films: ['T1', 'L5']): where the chain
+    # found starts below first or stops above last, the levels beyond its ends are reported as
+    # suspected missing too (a gap whose "after" or "before" is null); [] = the ends unchecked
+    _C.ZOI.EXPECTED_LEVELS = []
     return cfg

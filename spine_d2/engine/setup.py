@@ -82,6 +82,16 @@ def build_config(config_file: str, opts=()):
                 f"and MODEL.MASK_ON True (got {cfg.MODEL.ROI_HEADS.NAME}, {cfg.MODEL.MASK_ON})"
             )
         DetectionRescorer.load(cfg.SPINE.RESCORER.FILE)  # a bad file fails here, not mid-run
+    expected = list(cfg.ZOI.EXPECTED_LEVELS)
+    if expected and not (
+        len(expected) == 2
+        and all(x in cfg.SPINE.LEVELS for x in expected)
+        and cfg.SPINE.LEVELS.index(expected[0]) <= cfg.SPINE.LEVELS.index(expected[1])
+    ):
+        raise SpineError(
+            f"{config_file}: ZOI.EXPECTED_LEVELS must be [] or [first, last], two of SPINE.LEVELS "
+            f"top to bottom, got {expected}"
+        )
     register_from_config(cfg)
     cfg.freeze()
     return cfg

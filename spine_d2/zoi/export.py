@@ -54,6 +54,7 @@ _HASHED_ZOI_KEYS = (
     "ANCHOR_LEVEL",
     "ANCHOR_AT",
     "GAP_FACTOR",
+    "EXPECTED_LEVELS",
 )
 
 
@@ -302,6 +303,7 @@ class ZOIExporter:
             anchor_level=self.cfg.ZOI.ANCHOR_LEVEL,
             anchor_at=self.cfg.ZOI.ANCHOR_AT,
             gap_factor=self.cfg.ZOI.GAP_FACTOR,
+            expected_levels=list(self.cfg.ZOI.EXPECTED_LEVELS),
             png_compression=self.cfg.ZOI.PNG_COMPRESSION,
             timings=self.timings,
         )

@@ -200,11 +200,15 @@ def extract_zois(
     gap_factor: float = 1.6,
     png_compression: int = 1,
     timings: dict | None = None,
+    expected_levels=(),
 ):
     """ZOIs of one scan: (manifest entries, {relative file: bytes}, suspected_missing).
 
     Entries are ordered top to bottom along the spine, per class (each class is one sequence
     along the spine, e.g. bodies and pedicles); ``id`` is the position in that order.
+    ``expected_levels``: [first, last] levels the scan shows; the ones beyond either end of a
+    class's chain are reported missing (``after`` null: above its first vertebra; ``before``
+    null: below its last), when the chain's end levels are known.
     """
     timings = timings if timings is not None else {}
     height, width = pixels.shape[:2]
@@ -235,6 +239,9 @@ def extract_zois(
             sub, class_names, len(ordered), seq.gaps, levels, anchor_level, anchor_at
         )
         first_id = len(entries)
+        top, bottom = _missing_ends(names, expected_levels, levels)
+        if top:
+            missing.append(_gap(None, first_id, top))
         for k, gap_count, guess in _suspected_gaps(names, seq.gaps, levels):
             missing.append(
                 {
@@ -245,6 +252,8 @@ def extract_zois(
                     "levels": guess,
                 }
             )
+        if bottom:
+            missing.append(_gap(first_id + len(ordered) - 1, None, bottom))
         for k, i in enumerate(ordered):
             y0, x0, local = pasted[i]
             area, centroid, angle = geometry[i]
@@ -278,11 +287,45 @@ def extract_zois(
                 }
             )
     if not entries:
+        expected = _expected_range(expected_levels, levels)
         missing.append(
-            {"reason": "no_detections", "after": None, "before": None, "count": None, "levels": []}
+            {
+                "reason": "no_detections",
+                "after": None,
+                "before": None,
+                "count": len(expected) or None,
+                "levels": expected,
+            }
         )
     timings["crop"] = timings.get("crop", 0.0) + time.perf_counter() - t1
     return entries, files, missing
+
+
+def _gap(after, before, names) -> dict:
+    return {"reason": "gap", "after": after, "before": before, "count": len(names), "levels": names}
+
+
+def _expected_range(expected_levels, levels) -> list:
+    """The level names from ``expected_levels[0]`` to ``[1]``; [] when not set."""
+    if not expected_levels:
+        return []
+    levels = list(levels)
+    return levels[levels.index(expected_levels[0]) : levels.index(expected_levels[1]) + 1]
+
+
+def _missing_ends(names, expected_levels, levels) -> tuple:
+    """(levels missing above the chain, levels missing below it) of the expected range.
+
+    A film that shows T1..L5 and whose chain was named T2..L4 lacks T1 and L5: nothing else
+    reports them, since a missing end leaves no gap in the chain. Unknown end levels (no level
+    head, no anchor) say nothing, and neither does a chain whose ends lie outside the range."""
+    expected = _expected_range(expected_levels, levels)
+    if not expected or not names:
+        return [], []
+    first, last = names[0], names[-1]
+    top = expected[: expected.index(first)] if first in expected else []
+    bottom = expected[expected.index(last) + 1 :] if last in expected else []
+    return top, bottom
 
 
 def _suspected_gaps(names, spacing_gaps, levels) -> list:

@@ -55,6 +55,13 @@ def test_bad_user_dataset_entry_and_channel_mismatch_are_clear_errors():
         SpineError, match=r"instant_test.yaml: SPINE.LEVEL_HEAD.SPACING_WEIGHT is -1"
     ):
         build_config(config, ["SPINE.LEVEL_HEAD.SPACING_WEIGHT", "-1.0"])
+    for bad in ("['T1']", "['L5', 'T1']", "['T1', 'X9']"):
+        with pytest.raises(SpineError, match=r"instant_test.yaml: ZOI.EXPECTED_LEVELS must be"):
+            build_config(config, ["ZOI.EXPECTED_LEVELS", bad])
+    assert build_config(config, ["ZOI.EXPECTED_LEVELS", "['T1', 'L5']"]).ZOI.EXPECTED_LEVELS == [
+        "T1",
+        "L5",
+    ]
 
 
 def test_missing_config_file_is_a_one_line_error(tmp_path):

@@ -124,3 +124,63 @@ def test_model_levels_decide_the_gap_count_and_names():
     # no levels at all: the spacing alone
     _, _, missing = extract_zois(pixels, _column(wide), zoi_dir="z", levels=levels)
     assert missing == [{"reason": "gap", "after": 1, "before": 2, "count": 2, "levels": []}]
+
+
+def test_expected_levels_report_the_chain_ends_that_were_not_found():
+    """A full-spine film shows T1..L5; a chain named T2..L4 lacks both ends, which leave no gap
+    in it: with ZOI.EXPECTED_LEVELS they are reported, above the first and below the last."""
+    levels = list(VERTEBRA_LEVELS)
+    pixels = np.zeros((800, 128), np.uint16)
+    names = ["T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12", "L1", "L2"]
+    names += ["L3", "L4"]
+    column = _column([(64, 30 + 40 * k) for k in range(len(names))], names)
+    _, _, missing = extract_zois(pixels, column, zoi_dir="z", levels=levels)
+    assert missing == []  # without the expectation nothing is missing: the spacing is even
+    _, _, missing = extract_zois(
+        pixels, column, zoi_dir="z", levels=levels, expected_levels=["T1", "L5"]
+    )
+    last = len(names) - 1
+    assert missing == [
+        {"reason": "gap", "after": None, "before": 0, "count": 1, "levels": ["T1"]},
+        {"reason": "gap", "after": last, "before": None, "count": 1, "levels": ["L5"]},
+    ]
+    # top and bottom in order around an inner gap; a chain reaching past the range (C7 above
+    # T1) misses nothing above; two missing at the bottom are both named
+    inner = ["C7", "T1", "T2", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12", "L1"]
+    inner += ["L2", "L3"]
+    column = _column([(64, 30 + 40 * k) for k in range(len(inner))], inner)
+    _, _, missing = extract_zois(
+        pixels, column, zoi_dir="z", levels=levels, expected_levels=["T1", "L5"]
+    )
+    assert missing == [
+        {"reason": "gap", "after": 2, "before": 3, "count": 1, "levels": ["T3"]},
+        {
+            "reason": "gap",
+            "after": len(inner) - 1,
+            "before": None,
+            "count": 2,
+            "levels": ["L4", "L5"],
+        },
+    ]
+    # unknown levels (no level head, no anchor) say nothing about the ends
+    column = _column([(64, 30 + 40 * k) for k in range(5)])
+    _, _, missing = extract_zois(
+        pixels, column, zoi_dir="z", levels=levels, expected_levels=["T1", "L5"]
+    )
+    assert missing == []
+    # a film with nothing found misses the whole range
+    empty = ScanPredictions(
+        torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, 28, 28)
+    )
+    _, _, missing = extract_zois(
+        pixels, empty, zoi_dir="z", levels=levels, expected_levels=["T1", "L5"]
+    )
+    assert missing == [
+        {
+            "reason": "no_detections",
+            "after": None,
+            "before": None,
+            "count": 17,
+            "levels": levels[levels.index("T1") : levels.index("L5") + 1],
+        }
+    ]
