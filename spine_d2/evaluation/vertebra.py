@@ -30,6 +30,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
 from ..config import VERTEBRA_LEVELS
+from ..zoi.extract import chain_suspected_missing
+from ..zoi.order import order_along_spine
 from .bootstrap import RATIOS, image_counts, ratio_intervals
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ _SUMMARY_KEYS = (
     "recall_whole",
     "recall_truncated",
     "images_with_miss",
+    "missed_unpaired",
+    "missed_unpaired_reported",
     "num_images",
     "num_gt",
     "num_pred",
@@ -77,6 +81,13 @@ class VertebraEvaluator(DatasetEvaluator):
       ``output["pred_levels"]`` (list of str, one per instance, before score filtering) or from
       ``instances.pred_levels`` (indices into ``model_levels``, what LevelROIHeads predicts); the
       key is absent when no prediction carries a level.
+    - ``missed_unpaired``: GT vertebrae that no prediction was paired with (no ZOI of their own:
+      the ones an export drops, where a poor mask still leaves a ZOI), and
+      ``missed_unpaired_reported``: the fraction of them that the ZOI export's
+      ``suspected_missing`` would name by level (gaps in the chain, the chain's missing ends
+      with ``expected_levels``, the model's levels), or that lie in an image with nothing kept
+      (reported whole). What a missed vertebra must never be is silent; absent when none is
+      unpaired. Per image, ``unreported`` lists the levels of the silent ones.
 
     Every image of the dataset is scored: an image the model gave nothing for has all its
     vertebrae missed. Crowd GT (``iscrowd=1``) is not counted; a prediction that is unmatched
@@ -95,6 +106,8 @@ class VertebraEvaluator(DatasetEvaluator):
         distributed=True,
         output_dir=None,
         bootstrap=2000,
+        gap_factor=1.6,
+        expected_levels=(),
     ):
         """
         Args:
@@ -112,6 +125,9 @@ class VertebraEvaluator(DatasetEvaluator):
             bootstrap: resamples of the images for the 95 % intervals of recall, precision,
                 Dice and level accuracy (``evaluation.bootstrap``), logged and saved with the
                 metrics; 0 skips them. The returned metrics are the same either way.
+            gap_factor, expected_levels: ``ZOI.GAP_FACTOR`` and ``ZOI.EXPECTED_LEVELS``, to
+                say which missed vertebrae the ZOI export's ``suspected_missing`` would name
+                (``missed_no_zoi_reported``).
         """
         self._dataset_name = dataset_name
         self._iou_thresh = float(iou_thresh)
@@ -126,6 +142,8 @@ class VertebraEvaluator(DatasetEvaluator):
             levels = list(getattr(self._metadata, "vertebra_levels", [])) or VERTEBRA_LEVELS
         self._levels = list(levels)
         self._model_levels = list(model_levels or VERTEBRA_LEVELS)
+        self._gap_factor = float(gap_factor)
+        self._expected_levels = list(expected_levels or [])
         self._gt = None  # image_id -> ground truth, decoded once on first evaluate()
         self._predictions = []
 
@@ -140,6 +158,8 @@ class VertebraEvaluator(DatasetEvaluator):
             model_levels=cfg.SPINE.LEVELS,
             output_dir=output_dir,
             bootstrap=cfg.SPINE.EVAL.BOOTSTRAP,
+            gap_factor=cfg.ZOI.GAP_FACTOR,
+            expected_levels=cfg.ZOI.EXPECTED_LEVELS,
         )
 
     def reset(self):
@@ -168,15 +188,48 @@ class VertebraEvaluator(DatasetEvaluator):
                     f"image {inp['image_id']}: VertebraEvaluator needs pred_masks (a mask model)"
                 )
             rles = masks_to_rles(instances.pred_masks[keep]) if keep else []
+            levels = None if pred_levels is None else [pred_levels[i] for i in keep]
             self._predictions.append(
                 {
                     "image_id": inp["image_id"],
                     "rles": rles,
                     "classes": instances.pred_classes[keep].tolist(),
                     "scores": instances.scores[keep].tolist(),
-                    "levels": None if pred_levels is None else [pred_levels[i] for i in keep],
+                    "levels": levels,
+                    "reported": self._reported_missing(
+                        instances[torch.as_tensor(keep, dtype=torch.long)], levels
+                    ),
                 }
             )
+
+    def _reported_missing(self, instances, levels):
+        """The level names the ZOI export's ``suspected_missing`` would give for these kept
+        detections (its chains and gap rules, ``zoi.extract.chain_suspected_missing``), or
+        ``None`` for a scan with nothing kept (reported whole, as ``no_detections``)."""
+        if not len(instances):
+            return None
+        masks = instances.pred_masks.to(torch.float32)
+        area = masks.sum((1, 2))
+        rows = torch.arange(masks.shape[1], dtype=torch.float32) + 0.5
+        cols = torch.arange(masks.shape[2], dtype=torch.float32) + 0.5
+        cy = (masks.sum(2) * rows).sum(1) / area.clamp(min=1)
+        cx = (masks.sum(1) * cols).sum(1) / area.clamp(min=1)
+        if instances.has("pred_boxes"):  # an empty mask is placed by its box, as in export
+            boxes = instances.pred_boxes.tensor
+            cx = torch.where(area > 0, cx, (boxes[:, 0] + boxes[:, 2]) / 2)
+            cy = torch.where(area > 0, cy, (boxes[:, 1] + boxes[:, 3]) / 2)
+        cx, cy = cx.tolist(), cy.tolist()
+        classes = instances.pred_classes.tolist()
+        named = []
+        for cls in sorted(set(classes)):
+            members = [i for i, c in enumerate(classes) if c == cls]
+            seq = order_along_spine([[cx[i], cy[i]] for i in members], self._gap_factor)
+            names = [levels[members[k]] if levels else None for k in seq.order]
+            for entry in chain_suspected_missing(
+                names, seq.gaps, self._model_levels, self._expected_levels
+            ):
+                named += entry["levels"]
+        return named
 
     def evaluate(self):
         if self._distributed:
@@ -217,6 +270,7 @@ class VertebraEvaluator(DatasetEvaluator):
         gt_by_class, found_by_class = defaultdict(int), defaultdict(int)
         gt_by_trunc, found_by_trunc = defaultdict(int), defaultdict(int)
         num_gt = num_pred = images_with_miss = 0
+        unpaired = unpaired_reported = 0
         per_image = []
 
         for image_id, gt in self._gt.items():
@@ -259,6 +313,14 @@ class VertebraEvaluator(DatasetEvaluator):
             level_pairs += image_pairs
             level_hits += image_hits
             errors = _image_errors(image_id, gt, pred, pairs, main, n_pred)
+            # a vertebra nothing was paired with has no ZOI: does the export say it is missing?
+            paired = {g for g, _, _ in pairs}
+            named = None if not pred["rles"] else set(pred.get("reported") or [])
+            lost = [g for g in range(len(gt["rles"])) if g not in paired]
+            told = [named is None or gt["levels"][g] in named for g in lost]
+            unpaired += len(lost)
+            unpaired_reported += sum(told)
+            errors["unreported"] = [gt["levels"][g] for g, ok in zip(lost, told) if not ok]
             # what the intervals resample (evaluation.bootstrap.RATIOS)
             errors["dice_sum"] = float(sum(2 * iou / (1 + iou) for _, _, iou in main))
             errors["level_hits"] = image_hits
@@ -282,6 +344,9 @@ class VertebraEvaluator(DatasetEvaluator):
             results["recall_whole"] = _ratio(found_by_trunc[False], gt_by_trunc[False])
             results["recall_truncated"] = _ratio(found_by_trunc[True], gt_by_trunc[True])
             results["num_truncated"] = float(gt_by_trunc[True])
+        if unpaired:
+            results["missed_unpaired"] = float(unpaired)
+            results["missed_unpaired_reported"] = unpaired_reported / unpaired
         results.update(
             images_with_miss=float(images_with_miss),
             num_images=float(len(self._gt)),

@@ -239,21 +239,7 @@ def extract_zois(
             sub, class_names, len(ordered), seq.gaps, levels, anchor_level, anchor_at
         )
         first_id = len(entries)
-        top, bottom = _missing_ends(names, expected_levels, levels)
-        if top:
-            missing.append(_gap(None, first_id, top))
-        for k, gap_count, guess in _suspected_gaps(names, seq.gaps, levels):
-            missing.append(
-                {
-                    "reason": "gap",
-                    "after": first_id + k,
-                    "before": first_id + k + 1,
-                    "count": gap_count,
-                    "levels": guess,
-                }
-            )
-        if bottom:
-            missing.append(_gap(first_id + len(ordered) - 1, None, bottom))
+        missing += chain_suspected_missing(names, seq.gaps, levels, expected_levels, first_id)
         for k, i in enumerate(ordered):
             y0, x0, local = pasted[i]
             area, centroid, angle = geometry[i]
@@ -287,18 +273,46 @@ def extract_zois(
                 }
             )
     if not entries:
-        expected = _expected_range(expected_levels, levels)
-        missing.append(
-            {
-                "reason": "no_detections",
-                "after": None,
-                "before": None,
-                "count": len(expected) or None,
-                "levels": expected,
-            }
-        )
+        missing.append(no_detections_entry(levels, expected_levels))
     timings["crop"] = timings.get("crop", 0.0) + time.perf_counter() - t1
     return entries, files, missing
+
+
+def chain_suspected_missing(names, spacing_gaps, levels, expected_levels=(), first_id=0) -> list:
+    """The ``suspected_missing`` entries of one class's chain, top to bottom: the expected
+    levels above its first vertebra, the gaps inside it, the expected levels below its last.
+
+    ``names``: the chain's level names in spine order (None where unknown); ``spacing_gaps``:
+    ``order_along_spine``'s (k, count) gaps; ids are ``first_id`` + position. Shared by the
+    export and ``VertebraEvaluator`` (which measures how many missed vertebrae it names)."""
+    top, bottom = _missing_ends(names, expected_levels, levels)
+    out = [_gap(None, first_id, top)] if top else []
+    for k, gap_count, guess in _suspected_gaps(names, spacing_gaps, levels):
+        out.append(
+            {
+                "reason": "gap",
+                "after": first_id + k,
+                "before": first_id + k + 1,
+                "count": gap_count,
+                "levels": guess,
+            }
+        )
+    if bottom:
+        out.append(_gap(first_id + len(names) - 1, None, bottom))
+    return out
+
+
+def no_detections_entry(levels, expected_levels=()) -> dict:
+    """A scan where nothing was found: every expected level is missing (count None when the
+    range is not known)."""
+    expected = _expected_range(expected_levels, levels)
+    return {
+        "reason": "no_detections",
+        "after": None,
+        "before": None,
+        "count": len(expected) or None,
+        "levels": expected,
+    }
 
 
 def _gap(after, before, names) -> dict:

@@ -58,10 +58,12 @@ def test_summary_counts_misses_shifts_and_ends():
             film(2),
         ],
     }
+    payload["per_image"][0]["unreported"] = ["L5"]  # the export would not have named it
     s = summarize_errors(payload)
     assert (s["films"], s["films_with_miss"], s["missed"], s["gt"]) == (3, 2, 3, 15)
     assert s["missed_by_level"] == {"T1": 2, "L5": 1}  # anatomical order, not alphabetical
     assert (s["missed_with_partial_mask"], s["missed_unpaired"]) == (1, 2)
+    assert s["missed_unpaired_silent"] == 1
     assert s["films_by_shift"] == {"-1": 1, "+1": 1}
     assert s["films_too_low_with_bottom_missed"] == 1 and s["films_too_high_with_top_missed"] == 1
     assert (s["false_positives"], s["level_errors"], s["matched"]) == (2, 4, 12)

@@ -372,3 +372,41 @@ def test_ground_truth_without_segmentation_is_its_box():
     assert mask_util.toBbox(rle).tolist() == [10.0, 20.0, 30.0, 8.0]
     xyxy = dict(box, bbox=[10.0, 20.0, 40.0, 28.0], bbox_mode=BoxMode.XYXY_ABS)
     assert int(mask_util.area(_annotation_rle(xyxy, SIZE, SIZE))) == 240
+
+
+def test_unpaired_misses_are_counted_as_reported_when_the_export_would_name_them():
+    """A vertebra with no detection of its own gets no ZOI; the export must say it is missing.
+    Image 0 misses L1 between T12 and L2 (a gap the chain shows), image 1 misses L2 at the bottom
+    (no gap: only an expected range names it) and has T11 poorly segmented (paired, so it keeps a
+    ZOI and is not counted), image 2 has nothing found (reported whole)."""
+    records = two_images() + [
+        image_record(2, [gt_annotation(r, level=l) for r, l in zip(RECTS, LEVELS)])
+    ]
+    masks = [rect_mask(*r) for r in RECTS]
+    poor_t11 = rect_mask(40, 20, 40, 20)  # IoU 0.25 with T11's (40, 8, 40, 20)
+
+    def outputs():
+        out0 = prediction([masks[0], masks[1], masks[3]])
+        out0["pred_levels"] = ["T11", "T12", "L2"]
+        out1 = prediction([poor_t11, masks[1], masks[2]])
+        out1["pred_levels"] = ["T11", "T12", "L1"]
+        return [out0, out1, prediction([])]
+
+    with registered(records) as name:
+        plain = run(VertebraEvaluator(name, bootstrap=0), [0, 1, 2], outputs())["vertebra"]
+        ends = VertebraEvaluator(name, bootstrap=0, expected_levels=["T11", "L2"], output_dir=None)
+        ranged = run(ends, [0, 1, 2], outputs())["vertebra"]
+    assert plain["recall"] == 5 / 12  # T11 of image 1 is missed too (poor mask)
+    assert plain["missed_unpaired"] == 6.0  # L1, L2 and the four of image 2, not the poor T11
+    assert plain["missed_unpaired_reported"] == 5 / 6  # the bottom L2 is silent
+    assert ranged["missed_unpaired_reported"] == 1.0
+
+
+def test_unpaired_misses_are_silent_without_levels_unless_a_gap_shows():
+    # no level branch: a gap in the chain still flags the scan but names no level
+    masks = [rect_mask(*r) for r in RECTS]
+    with registered(two_images()) as name:
+        ev = VertebraEvaluator(name, bootstrap=0, output_dir=None)
+        m = run(ev, [0, 1], [prediction([masks[0], masks[1], masks[3]]), prediction(masks)])
+    assert m["vertebra"]["missed_unpaired"] == 1.0
+    assert m["vertebra"]["missed_unpaired_reported"] == 0.0
