@@ -127,7 +127,7 @@ class VertebraEvaluator(DatasetEvaluator):
                 metrics; 0 skips them. The returned metrics are the same either way.
             gap_factor, expected_levels: ``ZOI.GAP_FACTOR`` and ``ZOI.EXPECTED_LEVELS``, to
                 say which missed vertebrae the ZOI export's ``suspected_missing`` would name
-                (``missed_no_zoi_reported``).
+                (``missed_unpaired_reported``).
         """
         self._dataset_name = dataset_name
         self._iou_thresh = float(iou_thresh)
@@ -208,12 +208,14 @@ class VertebraEvaluator(DatasetEvaluator):
         ``None`` for a scan with nothing kept (reported whole, as ``no_detections``)."""
         if not len(instances):
             return None
-        masks = instances.pred_masks.to(torch.float32)
-        area = masks.sum((1, 2))
-        rows = torch.arange(masks.shape[1], dtype=torch.float32) + 0.5
+        masks = instances.pred_masks  # N x H x W at the original size: no float copy of it
+        per_row = masks.sum(2, dtype=torch.float32)
+        per_col = masks.sum(1, dtype=torch.float32)
+        area = per_row.sum(1)
+        rows = torch.arange(masks.shape[1], dtype=torch.float32) + 0.5  # pixel centres, as export
         cols = torch.arange(masks.shape[2], dtype=torch.float32) + 0.5
-        cy = (masks.sum(2) * rows).sum(1) / area.clamp(min=1)
-        cx = (masks.sum(1) * cols).sum(1) / area.clamp(min=1)
+        cy = (per_row * rows).sum(1) / area.clamp(min=1)
+        cx = (per_col * cols).sum(1) / area.clamp(min=1)
         if instances.has("pred_boxes"):  # an empty mask is placed by its box, as in export
             boxes = instances.pred_boxes.tensor
             cx = torch.where(area > 0, cx, (boxes[:, 0] + boxes[:, 2]) / 2)
