@@ -122,8 +122,12 @@ def summarize_errors(payload: dict, levels=VERTEBRA_LEVELS) -> dict:
         "missed_with_partial_mask": sum(m["best_iou"] > 0 for m in missed),
         "missed_unpaired": sum(m["best_iou"] == 0 for m in missed),
         # Of those (no ZOI of their own), the ones the export's suspected_missing would not name
-        # (VertebraEvaluator's "unreported"; absent in results written before it existed).
-        "missed_unpaired_silent": sum(len(f.get("unreported", [])) for f in films),
+        # (VertebraEvaluator's "unreported"; None for results written before it existed).
+        "missed_unpaired_silent": (
+            sum(len(f["unreported"]) for f in films if "unreported" in f)
+            if any("unreported" in f for f in films)
+            else None
+        ),
         # Cut by the border (or, in the DRRs, by the CT's field of view): a fragment, not a body.
         "missed_truncated": sum(m.get("truncated") is True for m in missed),
         **_kind_counts(missed, rank),

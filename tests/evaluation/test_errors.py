@@ -64,6 +64,8 @@ def test_summary_counts_misses_shifts_and_ends():
     assert s["missed_by_level"] == {"T1": 2, "L5": 1}  # anatomical order, not alphabetical
     assert (s["missed_with_partial_mask"], s["missed_unpaired"]) == (1, 2)
     assert s["missed_unpaired_silent"] == 1
+    del payload["per_image"][0]["unreported"]  # results from before the evaluator said
+    assert summarize_errors(payload)["missed_unpaired_silent"] is None
     assert s["films_by_shift"] == {"-1": 1, "+1": 1}
     assert s["films_too_low_with_bottom_missed"] == 1 and s["films_too_high_with_top_missed"] == 1
     assert (s["false_positives"], s["level_errors"], s["matched"]) == (2, 4, 12)
