@@ -187,18 +187,16 @@ class VertebraEvaluator(DatasetEvaluator):
                 raise ValueError(
                     f"image {inp['image_id']}: VertebraEvaluator needs pred_masks (a mask model)"
                 )
-            rles = masks_to_rles(instances.pred_masks[keep]) if keep else []
+            kept = instances[torch.as_tensor(keep, dtype=torch.long)]  # full-size masks: once
             levels = None if pred_levels is None else [pred_levels[i] for i in keep]
             self._predictions.append(
                 {
                     "image_id": inp["image_id"],
-                    "rles": rles,
-                    "classes": instances.pred_classes[keep].tolist(),
-                    "scores": instances.scores[keep].tolist(),
+                    "rles": masks_to_rles(kept.pred_masks) if keep else [],
+                    "classes": kept.pred_classes.tolist(),
+                    "scores": kept.scores.tolist(),
                     "levels": levels,
-                    "reported": self._reported_missing(
-                        instances[torch.as_tensor(keep, dtype=torch.long)], levels
-                    ),
+                    "reported": self._reported_missing(kept, levels),
                 }
             )
 
