@@ -37,13 +37,14 @@ class ZOIExportHook(HookBase):
         if comm.is_main_process():
             for name, summary in (results or {}).items():
                 logger.info(
-                    "ZOI export of %s: %d scans ok, %d failed, %d ZOIs, %d suspected missing "
-                    "(%.1f s) -> %s",
+                    "ZOI export of %s: %d scans ok, %d failed, %d ZOIs, %d suspected missing, "
+                    "%d scans with level conflicts (%.1f s) -> %s",
                     name,
                     summary["scans_ok"],
                     summary["scans_failed"],
                     summary["zois"],
                     summary["suspected_missing"],
+                    summary.get("scans_with_level_conflicts", 0),
                     time.perf_counter() - start,
                     summary["output_dir"],
                 )

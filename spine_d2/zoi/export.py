@@ -36,7 +36,7 @@ from ..data.augment import build_xray_augmentations
 from ..data.io import file_sha256, read_scan
 from ..errors import SpineError
 from ..modeling.precision import inference_autocast
-from .extract import extract_zois, scale_to_original
+from .extract import extract_zois, level_conflicts, scale_to_original
 from .manifest import SCHEMA_VERSION, append_line, compact_manifest, load_manifest, open_for_append
 from .sources import ScanItem, check_output_dir, items_from_dataset, shard
 
@@ -333,6 +333,7 @@ class ZOIExporter:
             "model": self.model_info,
             "zois": entries,
             "suspected_missing": missing,
+            "level_conflicts": level_conflicts(entries),
         }
         if self.overlays:
             self._write_overlay(out, item, r, entries)
@@ -378,6 +379,7 @@ class ZOIExporter:
                 stats["suspected_missing"] += sum(
                     m["count"] or 1 for m in line["suspected_missing"]
                 )
+                stats["level_conflicts"] += bool(line["level_conflicts"])
 
     # ------------------------------------------------------------------ run
     def export(self, items, output_dir, *, roots=(), suffix="", progress=True) -> dict:
@@ -409,7 +411,7 @@ class ZOIExporter:
             collate_fn=_as_list,
             prefetch_factor=2 if workers else None,
         )
-        stats = dict(ok=0, failed=0, skipped=0, zois=0, suspected_missing=0)
+        stats = dict(ok=0, failed=0, skipped=0, zois=0, suspected_missing=0, level_conflicts=0)
         self.timings = {}
         was_training = self.model.training
         self.model.eval()
@@ -446,6 +448,7 @@ class ZOIExporter:
             "scans_skipped": stats["skipped"],
             "zois": stats["zois"],
             "suspected_missing": stats["suspected_missing"],
+            "scans_with_level_conflicts": stats["level_conflicts"],
             "seconds": round(elapsed, 3),
             "scans_per_s": round(processed / elapsed, 4) if elapsed > 0 else None,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},

@@ -23,10 +23,11 @@ import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 
-from .order import assign_levels, order_along_spine
+from .order import assign_levels, order_along_spine, spacing_ratios
 
 __all__ = [
     "ScanPredictions",
+    "level_conflicts",
     "scale_to_original",
     "paste_mask_local",
     "rle_from_local",
@@ -302,6 +303,41 @@ def chain_suspected_missing(names, spacing_gaps, levels, expected_levels=(), fir
     return out
 
 
+def level_conflicts(entries, duplicate_ratio: float = 0.5) -> list:
+    """Neighbouring ZOIs of one chain that carry the same level although they lie apart.
+
+    The level decoder names two neighbours alike for a duplicate detection of one body (a
+    spacing near 0). Between two distinct bodies (spacing >= ``duplicate_ratio`` of the local
+    one, or too few neighbours to tell) one of the two names is wrong, and mostly the names on
+    one side with it: a body above T1 read as T1, or an L4 read as L5, pushes the rest of the
+    chain to fit (docs/results-aasce.md, "Where the names slide"). Or one of the two is a
+    second, offset detection of one body. Either way a reader should not trust those two names
+    (and should check the chain's); ``entries`` are ``extract_zois``'s, in its order."""
+    chains = {}
+    for e in entries:
+        chains.setdefault(e["class_id"], []).append(e)
+    out = []
+    for chain in chains.values():
+        if len(chain) < 2:
+            continue
+        points = np.array(
+            [
+                e["centroid"] if e["centroid"][0] is not None else _box_centre(e["bbox_xyxy"])
+                for e in chain
+            ],
+            dtype=np.float64,
+        )
+        ratios = spacing_ratios(points)
+        for k in range(len(chain) - 1):
+            a, b = chain[k], chain[k + 1]
+            if a["level"] is None or a["level"] != b["level"]:
+                continue
+            if np.isfinite(ratios[k]) and ratios[k] < duplicate_ratio:
+                continue  # one body found twice
+            out.append({"reason": "repeat", "ids": [a["id"], b["id"]], "level": a["level"]})
+    return out
+
+
 def no_detections_entry(levels, expected_levels=()) -> dict:
     """A scan where nothing was found: every expected level is missing (count None when the
     range is not known)."""
@@ -382,7 +418,7 @@ def _missing_levels(after, before, count, levels) -> list:
 
 
 def _box_centre(box) -> list:
-    x0, y0, x1, y1 = box.tolist()
+    x0, y0, x1, y1 = box.tolist() if hasattr(box, "tolist") else box
     return [(x0 + x1) / 2, (y0 + y1) / 2]
 
 

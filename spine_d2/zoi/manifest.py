@@ -66,6 +66,8 @@ _MISSING_KEYS = {
     "levels": list,
 }
 
+_CONFLICT_KEYS = {"reason": str, "ids": list, "level": str}
+
 
 def _check_keys(obj, spec, where):
     if not isinstance(obj, dict):
@@ -103,6 +105,11 @@ def check_manifest_line(line: dict) -> None:
         _check_keys(m, _MISSING_KEYS, "suspected_missing")
         if m["reason"] not in ("gap", "no_detections"):
             raise ValueError(f"suspected_missing: unknown reason {m['reason']!r}")
+    # Optional: manifests written before it existed lack it.
+    for c in line.get("level_conflicts", []):
+        _check_keys(c, _CONFLICT_KEYS, "level_conflicts")
+        if c["reason"] != "repeat" or len(c["ids"]) != 2:
+            raise ValueError(f"level_conflicts: expected a repeat of two ids, got {c}")
     if not line["zois"] and not line["suspected_missing"]:
         raise ValueError("scan: no ZOIs and nothing suspected missing")
 

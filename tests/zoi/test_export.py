@@ -68,6 +68,28 @@ def test_zoi_pixels_are_the_source_pixels_8_16_bit_and_dicom(
     assert depths == {8, 16}
     assert (out / "errors.jsonl").read_text() == ""
     assert summary["timings_s"].keys() >= {"decode", "model", "paste", "crop", "write"}
+    # every line carries the key; the random model's decoded levels repeat nowhere here
+    assert [l["level_conflicts"] for l in lines] == [[]] * len(lines)
+    assert summary["scans_with_level_conflicts"] == 0
+
+
+def test_manifest_level_conflicts_are_checked_and_optional(
+    random_model, export_cfg, scan_folder, tmp_path
+):
+    items, roots = discover_scans([str(scan_folder / "a")])
+    ZOIExporter(export_cfg(), random_model).export(items[:1], tmp_path, roots=roots, progress=False)
+    line = _lines(tmp_path / "manifest.jsonl")[0]
+    del line["level_conflicts"]  # written before the key existed
+    check_manifest_line(line)
+    line["level_conflicts"] = [{"reason": "repeat", "ids": [3, 4], "level": "L5"}]
+    check_manifest_line(line)
+    for bad in (
+        {"reason": "repeat", "ids": [3], "level": "L5"},
+        {"reason": "repeat", "ids": [3, 4]},
+    ):
+        line["level_conflicts"] = [bad]
+        with pytest.raises(ValueError, match="level_conflicts"):
+            check_manifest_line(line)
 
 
 def test_npz_format(random_model, export_cfg, scan_folder, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from spine_d2.config import VERTEBRA_LEVELS
-from spine_d2.zoi.extract import ScanPredictions, extract_zois
+from spine_d2.zoi.extract import ScanPredictions, extract_zois, level_conflicts
 from spine_d2.zoi.order import assign_levels, find_gaps, order_along_spine, spacing_ratios
 
 
@@ -184,3 +184,28 @@ def test_expected_levels_report_the_chain_ends_that_were_not_found():
             "levels": levels[levels.index("T1") : levels.index("L5") + 1],
         }
     ]
+
+
+def test_two_distinct_bodies_with_one_name_are_a_level_conflict():
+    """A C7 read as T1 above the real T1 makes the decoder repeat a name lower down: the export
+    says so. A duplicate detection of one body (spacing ~0) is the decoder's intended repeat."""
+    levels = list(VERTEBRA_LEVELS)
+    pixels = np.zeros((400, 128), np.uint16)
+    even = [(64, 30 + 40 * k) for k in range(8)]
+    names = ["T1", "T2", "T3", "T4", "T5", "T6", "L5", "L5"]
+    entries, _, _ = extract_zois(pixels, _column(even, names), zoi_dir="z", levels=levels)
+    assert level_conflicts(entries) == [{"reason": "repeat", "ids": [6, 7], "level": "L5"}]
+    # the same name on a body found twice (2 px apart) is no conflict
+    twins = even[:3] + [(66, 112)] + even[3:]
+    names = ["T1", "T2", "T3", "T3", "T4", "T5", "T6", "T7", "T8"]
+    entries, _, _ = extract_zois(pixels, _column(twins, names), zoi_dir="z", levels=levels)
+    assert [e["level"] for e in entries][2:4] == ["T3", "T3"]
+    assert level_conflicts(entries) == []
+    # two bodies, nothing to compare their spacing with: reported (never trusted silently)
+    entries, _, _ = extract_zois(
+        pixels, _column(even[:2], ["L5", "L5"]), zoi_dir="z", levels=levels
+    )
+    assert level_conflicts(entries) == [{"reason": "repeat", "ids": [0, 1], "level": "L5"}]
+    # no levels: nothing to say
+    entries, _, _ = extract_zois(pixels, _column(even), zoi_dir="z", levels=levels)
+    assert level_conflicts(entries) == []
