@@ -142,7 +142,19 @@ def summarize_errors(payload: dict, levels=VERTEBRA_LEVELS) -> dict:
         "films_by_shift": dict(sorted(shifts.items(), key=lambda kv: int(kv[0]))),
         "films_too_low_with_bottom_missed": int(down_bottom_missed),
         "films_too_high_with_top_missed": int(up_top_missed),
+        # Films the export's level_conflicts would flag, and of them the ones named wrong (None
+        # for results written before the evaluator counted them).
+        "films_with_level_conflicts": _count_flagged(films, films),
+        "films_with_level_errors_flagged": _count_flagged(
+            films, [f for f in films if f["level_errors"]]
+        ),
     }
+
+
+def _count_flagged(films, subset):
+    if not any("level_conflicts" in f for f in films):
+        return None
+    return sum(f.get("level_conflicts", 0) > 0 for f in subset)
 
 
 def classify_misses(

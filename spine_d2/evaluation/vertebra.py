@@ -30,7 +30,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
 from ..config import VERTEBRA_LEVELS
-from ..zoi.extract import chain_suspected_missing
+from ..zoi.extract import chain_suspected_missing, level_conflicts
 from ..zoi.order import order_along_spine
 from .bootstrap import RATIOS, image_counts, ratio_intervals
 
@@ -52,6 +52,8 @@ _SUMMARY_KEYS = (
     "images_with_miss",
     "missed_unpaired",
     "missed_unpaired_reported",
+    "images_with_level_conflicts",
+    "misnamed_images_flagged",
     "num_images",
     "num_gt",
     "num_pred",
@@ -88,6 +90,10 @@ class VertebraEvaluator(DatasetEvaluator):
       with ``expected_levels``, the model's levels), or that lie in an image with nothing kept
       (reported whole). What a missed vertebra must never be is silent; absent when none is
       unpaired. Per image, ``unreported`` lists the levels of the silent ones.
+    - ``images_with_level_conflicts``: images whose ZOI export would list ``level_conflicts``
+      (two neighbours named alike although apart), and ``misnamed_images_flagged``: the share
+      of images with a wrong level that it flags (absent when none has one); with levels only.
+      Per image, ``level_conflicts`` counts them.
 
     Every image of the dataset is scored: an image the model gave nothing for has all its
     vertebrae missed. Crowd GT (``iscrowd=1``) is not counted; a prediction that is unmatched
@@ -196,16 +202,17 @@ class VertebraEvaluator(DatasetEvaluator):
                     "classes": kept.pred_classes.tolist(),
                     "scores": kept.scores.tolist(),
                     "levels": levels,
-                    "reported": self._reported_missing(kept, levels),
+                    **dict(zip(("reported", "level_conflicts"), self._chain_report(kept, levels))),
                 }
             )
 
-    def _reported_missing(self, instances, levels):
-        """The level names the ZOI export's ``suspected_missing`` would give for these kept
+    def _chain_report(self, instances, levels):
+        """(the level names the ZOI export's ``suspected_missing`` would give for these kept
         detections (its chains and gap rules, ``zoi.extract.chain_suspected_missing``), or
-        ``None`` for a scan with nothing kept (reported whole, as ``no_detections``)."""
+        ``None`` for a scan with nothing kept (reported whole, as ``no_detections``); the number
+        of ``level_conflicts`` its manifest line would list)."""
         if not len(instances):
-            return None
+            return None, 0
         masks = instances.pred_masks  # N x H x W at the original size: no float copy of it
         per_row = masks.sum(2, dtype=torch.float32)
         per_col = masks.sum(1, dtype=torch.float32)
@@ -220,7 +227,7 @@ class VertebraEvaluator(DatasetEvaluator):
             cy = torch.where(area > 0, cy, (boxes[:, 1] + boxes[:, 3]) / 2)
         cx, cy = cx.tolist(), cy.tolist()
         classes = instances.pred_classes.tolist()
-        named = []
+        named, chains = [], []
         for cls in sorted(set(classes)):
             members = [i for i, c in enumerate(classes) if c == cls]
             seq = order_along_spine([[cx[i], cy[i]] for i in members], self._gap_factor)
@@ -229,7 +236,11 @@ class VertebraEvaluator(DatasetEvaluator):
                 names, seq.gaps, self._model_levels, self._expected_levels
             ):
                 named += entry["levels"]
-        return named
+            chains += [
+                {"id": len(chains) + k, "class_id": cls, "level": name, "centroid": [cx[i], cy[i]]}
+                for k, (name, i) in enumerate(zip(names, (members[j] for j in seq.order)))
+            ]
+        return named, len(level_conflicts(chains))
 
     def evaluate(self):
         if self._distributed:
@@ -271,6 +282,7 @@ class VertebraEvaluator(DatasetEvaluator):
         gt_by_trunc, found_by_trunc = defaultdict(int), defaultdict(int)
         num_gt = num_pred = images_with_miss = 0
         unpaired = unpaired_reported = 0
+        flagged = misnamed = misnamed_flagged = 0  # the export's level_conflicts, per image
         per_image = []
 
         for image_id, gt in self._gt.items():
@@ -321,6 +333,11 @@ class VertebraEvaluator(DatasetEvaluator):
             unpaired += len(lost)
             unpaired_reported += sum(told)
             errors["unreported"] = [gt["levels"][g] for g, ok in zip(lost, told) if not ok]
+            # would the export's manifest warn that this image's names disagree?
+            errors["level_conflicts"] = pred.get("level_conflicts", 0)
+            flagged += errors["level_conflicts"] > 0
+            misnamed += image_hits < image_pairs
+            misnamed_flagged += image_hits < image_pairs and errors["level_conflicts"] > 0
             # what the intervals resample (evaluation.bootstrap.RATIOS)
             errors["dice_sum"] = float(sum(2 * iou / (1 + iou) for _, _, iou in main))
             errors["level_hits"] = image_hits
@@ -340,6 +357,9 @@ class VertebraEvaluator(DatasetEvaluator):
         )
         if level_pairs:
             results["level_accuracy"] = level_hits / level_pairs
+            results["images_with_level_conflicts"] = float(flagged)
+            if misnamed:
+                results["misnamed_images_flagged"] = misnamed_flagged / misnamed
         if gt_by_trunc:
             results["recall_whole"] = _ratio(found_by_trunc[False], gt_by_trunc[False])
             results["recall_truncated"] = _ratio(found_by_trunc[True], gt_by_trunc[True])

@@ -313,3 +313,20 @@ def test_classify_misses_names_results_of_another_dataset():
         classify_misses(payload, [], {3: record})
     with pytest.raises(SpineError, match="image_id 3 has no record"):
         classify_misses(payload, [], {})
+
+
+def test_summary_counts_the_films_the_export_would_flag_for_level_conflicts():
+    films = [
+        film(0, errors=[("T3", "L4"), ("L4", "L5")]),  # named off, flagged
+        film(1, errors=[("T2", "T1")]),  # named off, silent
+        film(2),  # right, flagged (a duplicate a spacing apart)
+        film(3),
+    ]
+    for f, n in zip(films, (1, 0, 2, 0)):
+        f["level_conflicts"] = n
+    s = summarize_errors({"dataset": "d", "per_image": films})
+    assert (s["films_with_level_conflicts"], s["films_with_level_errors_flagged"]) == (2, 1)
+    for f in films:
+        del f["level_conflicts"]  # results from before the evaluator counted them
+    s = summarize_errors({"dataset": "d", "per_image": films})
+    assert s["films_with_level_conflicts"] is None is s["films_with_level_errors_flagged"]

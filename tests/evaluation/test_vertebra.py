@@ -410,3 +410,27 @@ def test_unpaired_misses_are_silent_without_levels_unless_a_gap_shows():
         m = run(ev, [0, 1], [prediction([masks[0], masks[1], masks[3]]), prediction(masks)])
     assert m["vertebra"]["missed_unpaired"] == 1.0
     assert m["vertebra"]["missed_unpaired_reported"] == 0.0
+
+
+def test_images_whose_names_disagree_are_counted_as_the_export_would_flag_them():
+    """Image 0's chain is named one level off with a repeat (T12, L1, L2, L2: the export lists a
+    level conflict); image 1's is one off with no repeat (silent); image 2 all right."""
+    records = two_images() + [
+        image_record(2, [gt_annotation(r, level=l) for r, l in zip(RECTS, LEVELS)])
+    ]
+    masks = [rect_mask(*r) for r in RECTS]
+    outs = [prediction(masks) for _ in range(3)]
+    outs[0]["pred_levels"] = ["T12", "L1", "L2", "L2"]
+    outs[1]["pred_levels"] = ["T12", "L1", "L2", "L3"]
+    outs[2]["pred_levels"] = list(LEVELS)
+    with registered(records) as name:
+        ev = VertebraEvaluator(name, bootstrap=0, output_dir=None)
+        m = run(ev, [0, 1, 2], outs)["vertebra"]
+        per_image = {
+            e["image_id"]: e["level_conflicts"]
+            for e in ev._score({p["image_id"]: p for p in ev._predictions})[1]
+        }
+    assert m["level_accuracy"] == pytest.approx(5 / 12)  # image 0: only L2 right; image 1: none
+    assert m["images_with_level_conflicts"] == 1.0
+    assert m["misnamed_images_flagged"] == 0.5
+    assert per_image == {0: 1, 1: 0, 2: 0}
