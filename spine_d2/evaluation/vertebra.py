@@ -195,6 +195,7 @@ class VertebraEvaluator(DatasetEvaluator):
                 )
             kept = instances[torch.as_tensor(keep, dtype=torch.long)]  # full-size masks: once
             levels = None if pred_levels is None else [pred_levels[i] for i in keep]
+            reported, conflicts = self._chain_report(kept, levels)
             self._predictions.append(
                 {
                     "image_id": inp["image_id"],
@@ -202,7 +203,8 @@ class VertebraEvaluator(DatasetEvaluator):
                     "classes": kept.pred_classes.tolist(),
                     "scores": kept.scores.tolist(),
                     "levels": levels,
-                    **dict(zip(("reported", "level_conflicts"), self._chain_report(kept, levels))),
+                    "reported": reported,
+                    "level_conflicts": conflicts,
                 }
             )
 
