@@ -1,6 +1,7 @@
 """Pair the vertebrae of a high-dose and a low-dose scan.
 
-By level name when both sides carry levels; otherwise by position along the spine. Position
+By level name when both sides carry levels and neither side names two distinct neighbours alike
+(a chain whose names slid: ``zoi.extract.level_conflicts``); otherwise by position along the spine. Position
 matching estimates the motion between the scans from the data (a similarity fitted to the
 pairs, iterated from every anchor pair) and accepts a pair only when the two centroids agree
 to within a fraction of the local vertebra spacing, so a vertebra missing on one side leaves
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..zoi.extract import level_conflicts
 from ..zoi.order import order_along_spine
 
 __all__ = ["Vertebra", "Match", "match_vertebrae"]
@@ -164,10 +166,34 @@ def _by_position(high, low, tol_fraction: float) -> Match:
 def match_vertebrae(high: list, low: list, tol_fraction: float = 0.4) -> Match:
     """Pair ``high`` and ``low`` vertebrae (lists of :class:`Vertebra`).
 
-    Levels are used when every vertebra on both sides has one; a pair is accepted by position
+    Levels are used when every vertebra on both sides has one and neither side names two
+    distinct neighbours alike (then its names are off by one somewhere); a pair is accepted by position
     only when the centroids agree within ``tol_fraction`` of the local spacing after the
     estimated scan-to-scan motion.
     """
     if high and low and all(v.level for v in high) and all(v.level for v in low):
-        return _by_level(high, low)
+        slid = [side for side, vs in (("high", high), ("low", low)) if _names_disagree(vs)]
+        if not slid:
+            return _by_level(high, low)
+        # A repeat between distinct bodies means the names around it are off by one: pairing by
+        # them would composite each vertebra onto its neighbour.
+        logger.warning(
+            "the %s-dose scan names two distinct neighbouring vertebrae alike (its levels "
+            "slid): matching by position instead of level",
+            " and ".join(slid),
+        )
     return _by_position(high, low, tol_fraction)
+
+
+def _names_disagree(vertebrae) -> bool:
+    order = order_along_spine(np.array([v.centroid for v in vertebrae])).order
+    chain = [
+        {
+            "id": k,
+            "class_id": 0,
+            "level": vertebrae[i].level,
+            "centroid": list(vertebrae[i].centroid),
+        }
+        for k, i in enumerate(order)
+    ]
+    return bool(level_conflicts(chain))

@@ -60,3 +60,21 @@ def test_levels_are_used_when_known():
     assert match.method == "level"
     assert [high[i].level for i, _ in match.pairs] == [low[j].level for _, j in match.pairs]
     assert [high[i].level for i in match.unmatched_high] == ["T8"]
+
+
+def test_a_scan_whose_names_slid_is_matched_by_position():
+    """The low-dose chain calls its T12 'T11' too (a repeat between two distinct bodies): by
+    level, T12 and L1 would pair with their neighbours; the matcher pairs by position instead.
+    A duplicate detection of one body (2 px away, same name) is no reason to."""
+    high = _column(with_levels=True)
+    low = _column(shift=(4, 9), jitter=1.5, seed=1, with_levels=True)
+    for v, name in zip(low[4:], ["T11", "T12"]):
+        v.level = name
+    match = match_vertebrae(high, low)
+    assert match.method == "position"
+    assert _ids(high, low, match) == [(k, k) for k in range(len(LEVELS))]
+    twin = _column(with_levels=True)[2]
+    twin.origin = (twin.origin[0] + 2, twin.origin[1])
+    twin.score = 0.5
+    match = match_vertebrae(high, _column(shift=(4, 9), with_levels=True) + [twin])
+    assert match.method == "level" and len(match.pairs) == len(LEVELS)
