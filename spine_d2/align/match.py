@@ -1,7 +1,7 @@
 """Pair the vertebrae of a high-dose and a low-dose scan.
 
 By level name when both sides carry levels and neither side names two distinct neighbours alike
-(a chain whose names slid: ``zoi.extract.level_conflicts``); otherwise by position along the spine. Position
+(a chain whose names slid: ``zoi.extract.chain_repeats``); otherwise by position along the spine. Position
 matching estimates the motion between the scans from the data (a similarity fitted to the
 pairs, iterated from every anchor pair) and accepts a pair only when the two centroids agree
 to within a fraction of the local vertebra spacing, so a vertebra missing on one side leaves
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from ..zoi.extract import level_conflicts
+from ..zoi.extract import chain_repeats
 from ..zoi.order import order_along_spine
 
 __all__ = ["Vertebra", "Match", "match_vertebrae"]
@@ -186,14 +186,5 @@ def match_vertebrae(high: list, low: list, tol_fraction: float = 0.4) -> Match:
 
 
 def _names_disagree(vertebrae) -> bool:
-    order = order_along_spine(np.array([v.centroid for v in vertebrae])).order
-    chain = [
-        {
-            "id": k,
-            "class_id": 0,
-            "level": vertebrae[i].level,
-            "centroid": list(vertebrae[i].centroid),
-        }
-        for k, i in enumerate(order)
-    ]
-    return bool(level_conflicts(chain))
+    seq = order_along_spine(np.array([v.centroid for v in vertebrae]))
+    return bool(chain_repeats([vertebrae[i].level for i in seq.order], seq.ratios))

@@ -30,7 +30,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
 from ..config import VERTEBRA_LEVELS
-from ..zoi.extract import chain_suspected_missing, level_conflicts
+from ..zoi.extract import chain_repeats, chain_suspected_missing
 from ..zoi.order import order_along_spine
 from .bootstrap import RATIOS, image_counts, ratio_intervals
 
@@ -229,7 +229,7 @@ class VertebraEvaluator(DatasetEvaluator):
             cy = torch.where(area > 0, cy, (boxes[:, 1] + boxes[:, 3]) / 2)
         cx, cy = cx.tolist(), cy.tolist()
         classes = instances.pred_classes.tolist()
-        named, chains = [], []
+        named, conflicts = [], 0
         for cls in sorted(set(classes)):
             members = [i for i, c in enumerate(classes) if c == cls]
             seq = order_along_spine([[cx[i], cy[i]] for i in members], self._gap_factor)
@@ -238,11 +238,8 @@ class VertebraEvaluator(DatasetEvaluator):
                 names, seq.gaps, self._model_levels, self._expected_levels
             ):
                 named += entry["levels"]
-            chains += [
-                {"id": len(chains) + k, "class_id": cls, "level": name, "centroid": [cx[i], cy[i]]}
-                for k, (name, i) in enumerate(zip(names, (members[j] for j in seq.order)))
-            ]
-        return named, len(level_conflicts(chains))
+            conflicts += len(chain_repeats(names, seq.ratios))
+        return named, conflicts
 
     def evaluate(self):
         if self._distributed:

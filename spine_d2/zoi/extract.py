@@ -27,6 +27,7 @@ from .order import assign_levels, order_along_spine, spacing_ratios
 
 __all__ = [
     "ScanPredictions",
+    "chain_repeats",
     "level_conflicts",
     "scale_to_original",
     "paste_mask_local",
@@ -303,8 +304,9 @@ def chain_suspected_missing(names, spacing_gaps, levels, expected_levels=(), fir
     return out
 
 
-def level_conflicts(entries, duplicate_ratio: float = 0.5) -> list:
-    """Neighbouring ZOIs of one chain that carry the same level although they lie apart.
+def chain_repeats(names, ratios, duplicate_ratio: float = 0.5) -> list:
+    """Positions k of one chain (names in spine order, ``order_along_spine``'s ``ratios``)
+    where vertebrae k and k + 1 carry the same level although they lie apart.
 
     The level decoder names two neighbours alike for a duplicate detection of one body (a
     spacing near 0). Between two distinct bodies (spacing >= ``duplicate_ratio`` of the local
@@ -312,7 +314,20 @@ def level_conflicts(entries, duplicate_ratio: float = 0.5) -> list:
     one side with it: a body above T1 read as T1, or an L4 read as L5, pushes the rest of the
     chain to fit (docs/results-aasce.md, "Where the names slide"). Or one of the two is a
     second, offset detection of one body. Either way a reader should not trust those two names
-    (and should check the chain's); ``entries`` are ``extract_zois``'s, in its order."""
+    (and should check the chain's). Shared by the export, ``VertebraEvaluator`` and the
+    aligner's matcher."""
+    return [
+        k
+        for k in range(len(names) - 1)
+        if names[k] is not None
+        and names[k] == names[k + 1]
+        and not (np.isfinite(ratios[k]) and ratios[k] < duplicate_ratio)
+    ]
+
+
+def level_conflicts(entries, duplicate_ratio: float = 0.5) -> list:
+    """The manifest's ``level_conflicts`` of ``extract_zois``'s entries (in its order):
+    ``chain_repeats`` of each class's chain, as ``{"reason": "repeat", "ids", "level"}``."""
     chains = {}
     for e in entries:
         chains.setdefault(e["class_id"], []).append(e)
@@ -320,20 +335,13 @@ def level_conflicts(entries, duplicate_ratio: float = 0.5) -> list:
     for chain in chains.values():
         if len(chain) < 2:
             continue
-        points = np.array(
-            [
-                e["centroid"] if e["centroid"][0] is not None else _box_centre(e["bbox_xyxy"])
-                for e in chain
-            ],
-            dtype=np.float64,
-        )
-        ratios = spacing_ratios(points)
-        for k in range(len(chain) - 1):
+        points = [
+            e["centroid"] if e["centroid"][0] is not None else _box_centre(e["bbox_xyxy"])
+            for e in chain
+        ]
+        ratios = spacing_ratios(np.array(points, dtype=np.float64))
+        for k in chain_repeats([e["level"] for e in chain], ratios, duplicate_ratio):
             a, b = chain[k], chain[k + 1]
-            if a["level"] is None or a["level"] != b["level"]:
-                continue
-            if np.isfinite(ratios[k]) and ratios[k] < duplicate_ratio:
-                continue  # one body found twice
             out.append({"reason": "repeat", "ids": [a["id"], b["id"]], "level": a["level"]})
     return out
 
