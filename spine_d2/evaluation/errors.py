@@ -123,10 +123,8 @@ def summarize_errors(payload: dict, levels=VERTEBRA_LEVELS) -> dict:
         "missed_unpaired": sum(m["best_iou"] == 0 for m in missed),
         # Of those (no ZOI of their own), the ones the export's suspected_missing would not name
         # (VertebraEvaluator's "unreported"; None for results written before it existed).
-        "missed_unpaired_silent": (
-            sum(len(f["unreported"]) for f in films if "unreported" in f)
-            if any("unreported" in f for f in films)
-            else None
+        "missed_unpaired_silent": _if_recorded(
+            films, "unreported", lambda: sum(len(f.get("unreported", ())) for f in films)
         ),
         # Cut by the border (or, in the DRRs, by the CT's field of view): a fragment, not a body.
         "missed_truncated": sum(m.get("truncated") is True for m in missed),
@@ -144,17 +142,23 @@ def summarize_errors(payload: dict, levels=VERTEBRA_LEVELS) -> dict:
         "films_too_high_with_top_missed": int(up_top_missed),
         # Films the export's level_conflicts would flag, and of them the ones named wrong (None
         # for results written before the evaluator counted them).
-        "films_with_level_conflicts": _count_flagged(films, films),
-        "films_with_level_errors_flagged": _count_flagged(
-            films, [f for f in films if f["level_errors"]]
+        "films_with_level_conflicts": _if_recorded(
+            films, "level_conflicts", lambda: _count_flagged(films)
+        ),
+        "films_with_level_errors_flagged": _if_recorded(
+            films, "level_conflicts", lambda: _count_flagged(f for f in films if f["level_errors"])
         ),
     }
 
 
-def _count_flagged(films, subset):
-    if not any("level_conflicts" in f for f in films):
-        return None
-    return sum(f.get("level_conflicts", 0) > 0 for f in subset)
+def _if_recorded(films, key, count):
+    """``count()``, or None when no film carries ``key``: results written by an evaluator from
+    before that key existed, where 0 would claim a count nobody made."""
+    return count() if any(key in f for f in films) else None
+
+
+def _count_flagged(films) -> int:
+    return sum(f.get("level_conflicts", 0) > 0 for f in films)
 
 
 def classify_misses(
