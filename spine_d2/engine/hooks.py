@@ -44,7 +44,7 @@ class ZOIExportHook(HookBase):
                     summary["scans_failed"],
                     summary["zois"],
                     summary["suspected_missing"],
-                    summary.get("scans_with_level_conflicts", 0),
+                    summary["scans_with_level_conflicts"],
                     time.perf_counter() - start,
                     summary["output_dir"],
                 )

@@ -426,7 +426,7 @@ def _missing_levels(after, before, count, levels) -> list:
 
 
 def _box_centre(box) -> list:
-    x0, y0, x1, y1 = box.tolist() if hasattr(box, "tolist") else box
+    x0, y0, x1, y1 = np.asarray(box, dtype=np.float64).tolist()  # a tensor row or a list
     return [(x0 + x1) / 2, (y0 + y1) / 2]
 
 
