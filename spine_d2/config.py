@@ -114,6 +114,19 @@ def add_spine_config(cfg):
     # [first, last] level names: only detections whose decoded level lies in this range are
     # output (films annotated T1..L5 show C7 and S1 too); [] = every detection
     _C.SPINE.LEVEL_HEAD.OUTPUT_RANGE = []
+    # Weight of the level branch's log-probabilities in the decoder (nats per nat). A branch
+    # fine-tuned on films always annotated T1..L5 is sure that the top body is T1 whatever it is;
+    # with an end classifier (below) configs/aasce/..._end_classifier_cpu.yaml leaves it out (0)
+    # and names the chain from the classifier, the framing prior and the spacing. 1 = as it is.
+    _C.SPINE.LEVEL_HEAD.BRANCH_WEIGHT = 1.0
+    # End classifier (modeling/end_classifier.py, tools/train_end_classifier.py): a JSON naming
+    # a small ResNet that tells C7/T1/T2/T3 at the chain's top and L3/L4/L5/S1 at its bottom from
+    # the ribs, clavicles and pelvis around them; the decoder adds WEIGHT x its log-probabilities
+    # there (FLOOR nats for other names). "" = off.
+    _C.SPINE.LEVEL_HEAD.END_CLASSIFIER = CN()
+    _C.SPINE.LEVEL_HEAD.END_CLASSIFIER.FILE = ""
+    _C.SPINE.LEVEL_HEAD.END_CLASSIFIER.WEIGHT = 2.0
+    _C.SPINE.LEVEL_HEAD.END_CLASSIFIER.FLOOR = -7.0
     # Chain rescue (modeling/rescue.py): on films that show EXPECTED vertebrae (17 on full-spine
     # AP films, T1..L5), detections scored MIN_SCORE..SCORE_THRESH that fill a gap of the chain
     # or extend one of its ends are accepted with the confident ones (``pred_rescued``; the

@@ -17,6 +17,10 @@ about its centre, is pooled and run through the same box head, and two linear la
 evidence to the class and level logits. They start at zero, so a checkpoint trained without
 context loads and predicts exactly as before, and fine-tuning learns how much to use.
 
+End classifier (SPINE.LEVEL_HEAD.END_CLASSIFIER.FILE, ``modeling/end_classifier.py``): at
+inference the decoder also weighs what a separate classifier, looking at the ribs and the pelvis
+in the input image around the chain's top and bottom detections, says they are.
+
 Rescoring (SPINE.RESCORER.FILE): after the mask head a small learned model
 (``modeling/rescorer.py``) gives every detection a new score from how it overlaps the others,
 and the levels are decoded again on those scores.
@@ -38,6 +42,7 @@ from detectron2.structures import Boxes, Instances
 from fvcore.nn import smooth_l1_loss
 from torch import nn
 
+from .end_classifier import EndClassifier, add_end_evidence
 from .levels import LevelPrior, decode_levels
 from .rescorer import DetectionRescorer, file_sha256, maskness, rescore_features
 from .rescue import rescue_chain
@@ -129,6 +134,10 @@ class LevelROIHeads(StandardROIHeads):
         mask_rescore: bool = False,
         output_range: Sequence[str] = (),
         rescorer: Optional[DetectionRescorer] = None,
+        branch_weight: float = 1.0,
+        end_classifier: Optional[EndClassifier] = None,
+        end_weight: float = 2.0,
+        end_floor: float = -7.0,
         **kwargs,
     ):
         """
@@ -159,6 +168,11 @@ class LevelROIHeads(StandardROIHeads):
             rescorer: a :class:`~spine_d2.modeling.rescorer.DetectionRescorer` whose output
                 replaces each detection's score after the mask head (mask rescoring then does
                 not apply); levels are decoded again on the new scores. None = off.
+            branch_weight: weight of the level branch's log-probabilities in the decoding.
+            end_classifier, end_weight, end_floor: an
+                :class:`~spine_d2.modeling.end_classifier.EndClassifier` whose log-probabilities
+                of the topmost and lowest decoded detections, times ``end_weight``, join the
+                evidence (``end_floor`` for names outside its groups). None = off.
             kwargs: StandardROIHeads' arguments.
         """
         super().__init__(**kwargs)
@@ -220,6 +234,17 @@ class LevelROIHeads(StandardROIHeads):
         if rescorer is not None and not self.mask_on:
             raise ValueError("SPINE.RESCORER.FILE needs a mask head (MODEL.MASK_ON True)")
         self.rescorer = rescorer
+        if not branch_weight >= 0 or not end_weight >= 0 or not end_floor <= 0:
+            raise ValueError(
+                "SPINE.LEVEL_HEAD: BRANCH_WEIGHT and END_CLASSIFIER.WEIGHT must be >= 0 and "
+                f"END_CLASSIFIER.FLOOR <= 0, not {branch_weight}, {end_weight}, {end_floor}"
+            )
+        self.branch_weight = float(branch_weight)
+        # not a submodule: its weights live in its own file, not in the detector's checkpoints
+        self.__dict__["end_classifier"] = end_classifier
+        self.end_weight = float(end_weight)
+        self.end_floor = float(end_floor)
+        self._input_images = None  # the normalised input batch, while an inference runs
         # tools/fit_rescorer.py sets this to have the inputs of the rescorer kept on the output
         # (``rescore_features``), computed exactly as the rescorer will see them.
         self.collect_rescore_features = False
@@ -265,8 +290,25 @@ class LevelROIHeads(StandardROIHeads):
             mask_rescore=cfg.SPINE.MASK_RESCORE,
             output_range=list(head.OUTPUT_RANGE),
             rescorer=_load_rescorer(cfg),
+            branch_weight=head.BRANCH_WEIGHT,
+            end_classifier=(
+                EndClassifier.load(head.END_CLASSIFIER.FILE) if head.END_CLASSIFIER.FILE else None
+            ),
+            end_weight=head.END_CLASSIFIER.WEIGHT,
+            end_floor=head.END_CLASSIFIER.FLOOR,
         )
         return ret
+
+    def forward(self, images, features, proposals, targets=None):
+        """StandardROIHeads.forward; at inference with an end classifier the input images are
+        kept for the level decoding, which crops the chain's ends from them."""
+        if self.training or self.end_classifier is None:
+            return super().forward(images, features, proposals, targets)
+        self._input_images = images
+        try:
+            return super().forward(images, features, proposals, targets)
+        finally:
+            self._input_images = None
 
     @staticmethod
     def _parse_output_range(output_range, level_names) -> Optional[tuple]:
@@ -344,9 +386,25 @@ class LevelROIHeads(StandardROIHeads):
             for inst, idx, logits in zip(pred_instances, kept, per_image):
                 inst.level_log_probs = F.log_softmax(logits[idx], dim=1)
             return pred_instances
-        for inst, idx, logits in zip(pred_instances, kept, per_image):
-            self._label_levels(inst, logits[idx])
+        for i, (inst, idx, logits) in enumerate(zip(pred_instances, kept, per_image)):
+            self._label_levels(inst, logits[idx], i)
         return [self._in_output_range(inst) for inst in pred_instances]
+
+    def _with_end_evidence(self, evidence, boxes: Boxes, centers, image_index: int):
+        """``evidence`` plus the end classifier's at the topmost and lowest detections (as it
+        was when there is no classifier or no input image to crop from)."""
+        if self.end_classifier is None or self._input_images is None:
+            return evidence
+        image = self._input_images.tensor[image_index]
+        xyxy = boxes.tensor.detach().float().cpu().numpy()
+        y = centers[:, 1]
+        ends = [xyxy[int(y.argmin())]], [xyxy[int(y.argmax())]]
+        classifier = self.end_classifier.to(image.device)
+        top = classifier.log_probs(image, ends[0], group=0)[0]
+        bottom = classifier.log_probs(image, ends[1], group=1)[0]
+        return add_end_evidence(
+            evidence, centers, top, bottom, self.level_names, self.end_weight, self.end_floor
+        )
 
     def _in_output_range(self, inst: Instances) -> Instances:
         """The detections named within SPINE.LEVEL_HEAD.OUTPUT_RANGE (all when it is off)."""
@@ -452,7 +510,7 @@ class LevelROIHeads(StandardROIHeads):
                     )
                     inst.remove("scores_before_nms")
                 if self.rescorer is not None:
-                    return [self._rescored(inst) for inst in instances]
+                    return [self._rescored(inst, i) for i, inst in enumerate(instances)]
             if self.mask_on and self.mask_rescore:
                 self._rescore_by_masks(instances)
             return instances
@@ -469,10 +527,11 @@ class LevelROIHeads(StandardROIHeads):
         loss = weighted_mask_loss(logits, instances, weights)
         return {"loss_mask": loss * self.mask_head.loss_weight}
 
-    def _rescored(self, inst: Instances) -> Instances:
+    def _rescored(self, inst: Instances, image_index: int) -> Instances:
         """The rescorer's scores, levels decoded again on them, the output range applied."""
         inst.scores = self.rescorer(inst.rescore_features).to(inst.scores.dtype)
-        self._label_levels(inst, inst.level_log_probs)  # log_softmax leaves log-probs as is
+        # log_softmax leaves log-probs as is
+        self._label_levels(inst, inst.level_log_probs, image_index)
         if not self.collect_rescore_features:
             inst.remove("rescore_features")
         return self._in_output_range(inst)
@@ -529,7 +588,7 @@ class LevelROIHeads(StandardROIHeads):
             return 0.0
         return self.rescue_min_score if self.rescue_expected else self.level_score_thresh
 
-    def _label_levels(self, inst: Instances, logits: torch.Tensor) -> None:
+    def _label_levels(self, inst: Instances, logits: torch.Tensor, image_index: int = 0) -> None:
         log_probs = F.log_softmax(logits, dim=1)
         levels = log_probs.argmax(dim=1)
         accepted = inst.scores >= self.level_score_thresh
@@ -549,13 +608,15 @@ class LevelROIHeads(StandardROIHeads):
         confident = (accepted | rescued).nonzero().flatten()
         if len(confident) >= 2:
             boxes = inst.pred_boxes[confident]
-            evidence = log_probs[confident].cpu().numpy()
+            centers = boxes.get_centers().cpu().numpy()
+            evidence = self.branch_weight * log_probs[confident].cpu().numpy()
             if self.level_prior is not None:
                 evidence = evidence + self.prior_weight * self.level_prior.log_likelihood(
                     boxes.tensor.cpu().numpy(), inst.image_size[0], self.level_names
                 )
+            evidence = self._with_end_evidence(evidence, boxes, centers, image_index)
             decoded = decode_levels(
-                boxes.get_centers().cpu().numpy(),
+                centers,
                 evidence,
                 self.skip_cost,
                 self.repeat_cost,
