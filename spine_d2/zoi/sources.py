@@ -76,12 +76,23 @@ def discover_scans(inputs) -> tuple[list, list]:
             raise SpineError(f"{spec}: no such file or folder")
         for p in candidates:
             if p.is_dir():
-                found.update(q.resolve() for q in _walk(p) if is_scan_file(q))
+                found.update(_located(q) for q in _walk(p) if is_scan_file(q))
             elif is_scan_file(p):
-                found.add(p.resolve())
+                found.add(_located(p))
     common = Path(os.path.commonpath([str(r) for r in roots])) if roots else Path(".")
-    pairs = [(str(p), p.relative_to(common).as_posix()) for p in found]
+    pairs = []
+    for p in found:
+        try:
+            pairs.append((str(p), p.relative_to(common).as_posix()))
+        except ValueError:  # a glob reaching above its root, e.g. "scans/../other/*.png"
+            raise SpineError(f"{p}: outside the input folder {common}") from None
     return _with_zoi_dirs(pairs), roots
+
+
+def _located(path: Path) -> Path:
+    """The scan's absolute path with its folders resolved like the roots are, but not the file:
+    a folder of symlinks to scans kept elsewhere keeps the links' names (and places)."""
+    return path.absolute().parent.resolve() / path.name
 
 
 def items_from_dataset(records, image_root=None) -> list:

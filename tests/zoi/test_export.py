@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -280,3 +281,16 @@ def test_the_resume_key_changes_with_whatever_changes_the_export(
     assert first != base
     prior.write_text('{"a": 2}')
     assert key("SPINE.LEVEL_HEAD.PRIOR_FILE", str(prior)) != first
+
+
+def test_a_folder_of_symlinked_scans_keeps_the_links_names(scan_folder, tmp_path):
+    """Archives are often folders of links to files kept elsewhere: each scan is named by its
+    link, relative to the folder given, not by where the link points."""
+    links = tmp_path / "links"
+    links.mkdir()
+    for i, target in enumerate(sorted((scan_folder / "a").glob("*.png"))):
+        (links / f"scan_{i}.png").symlink_to(target.resolve())
+    items, roots = discover_scans([str(links)])
+    assert [i.rel for i in items] == [f"scan_{i}.png" for i in range(len(items))]
+    assert len(items) >= 2 and all(Path(i.path).parent == links.resolve() for i in items)
+    assert [i.zoi_dir for i in items] == [f"zoi/scan_{i}" for i in range(len(items))]
