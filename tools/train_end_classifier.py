@@ -106,6 +106,7 @@ def main(argv=None) -> int:
         DetectionCheckpointer(detector).load(args.init)
         model.body.load_state_dict(detector.backbone.bottom_up.state_dict())
         del detector
+        model.to(cfg.MODEL.DEVICE)  # films stay on the CPU; each batch of crops moves
         t0 = time.perf_counter()
         n = sum(len(b) for _, b in films)
         with tqdm(total=args.epochs * -(-n // 32), desc="end classifier", mininterval=30) as bar:

@@ -140,6 +140,7 @@ class EndClassifier(nn.Module):
             return np.zeros((0, 4))
         x = crop_contexts(image, boxes, self.crop_size, self.context_half)
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        x = x.to(self.fc.weight.device)
         logits = (self(x) + self(x.flip(-1))) / 2
         part = logits[:, 4 * group : 4 * group + 4].float()
         return F.log_softmax(part, dim=1).cpu().numpy()
