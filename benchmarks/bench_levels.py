@@ -155,6 +155,17 @@ def level_accuracy(
     return (hits / total if total else float("nan")), total
 
 
+def check_replayable(config_file, head) -> None:
+    """SystemExit unless the decoder this bench replays (level branch at full weight, spacing,
+    prior) is the config's: an end classifier needs the input images, which are not cached."""
+    if head.END_CLASSIFIER.FILE or head.BRANCH_WEIGHT != 1.0:
+        raise SystemExit(
+            f"bench_levels: error: {config_file}: SPINE.LEVEL_HEAD.END_CLASSIFIER.FILE / "
+            "BRANCH_WEIGHT are not replayed here; measure that decoder with tools/train_net.py "
+            "--eval-only"
+        )
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config-file", default=SHIPPED_CONFIG)
@@ -184,6 +195,7 @@ def main(argv=None) -> dict:
 
     cfg = build_config(args.config_file, ["MODEL.WEIGHTS", args.weights, "SPINE.EVAL.AMP", ""])
     head = cfg.SPINE.LEVEL_HEAD
+    check_replayable(args.config_file, head)
     t0 = time.perf_counter()
     source = (args.config_file, args.weights, args.dataset)
     items = load_cache(args.cache, source) if args.cache else None

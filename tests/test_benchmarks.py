@@ -68,3 +68,13 @@ def test_level_cache_round_trips_and_refuses_other_weights_or_a_bad_file(tmp_pat
     path.write_bytes(b"not a pickle")
     with pytest.raises(SystemExit, match="levels.pkl: not a bench_levels cache"):
         bench_levels.load_cache(path, source)
+
+
+def test_bench_levels_refuses_a_decoder_it_cannot_replay():
+    from spine_d2.engine.setup import build_config
+
+    config = "configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_end_classifier_cpu.yaml"
+    with pytest.raises(SystemExit, match="END_CLASSIFIER.FILE / BRANCH_WEIGHT are not replayed"):
+        bench_levels.check_replayable(config, build_config(config).SPINE.LEVEL_HEAD)
+    stage5 = "configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage5_cpu.yaml"
+    bench_levels.check_replayable(stage5, build_config(stage5).SPINE.LEVEL_HEAD)  # no error
