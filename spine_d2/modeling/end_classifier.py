@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -172,7 +173,7 @@ class EndClassifier(nn.Module):
         """The classifier of ``path`` in eval mode; a one-line SpineError naming the file when it
         is not one, or its weights are missing, changed or unreadable."""
         data = read_model_json(
-            path, "end classifier", END_CLASSIFIER_FORMAT, "tools/train_end_classifier.py"
+            path, "vertebra end classifier", END_CLASSIFIER_FORMAT, "tools/train_end_classifier.py"
         )
         path = Path(path)
         if list(data.get("names", [])) != list(END_NAMES):
@@ -188,7 +189,14 @@ class EndClassifier(nn.Module):
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             model.load_state_dict({k: v.float() for k, v in state.items()})
-        except (RuntimeError, OSError, KeyError, AttributeError) as e:
+        except (
+            RuntimeError,
+            OSError,
+            KeyError,
+            AttributeError,
+            EOFError,
+            pickle.UnpicklingError,
+        ) as e:
             raise SpineError(
                 f"{weights}: not end classifier weights ({str(e).splitlines()[0]})"
             ) from None

@@ -1,5 +1,6 @@
 """The end classifier: its training boxes, crops, evidence, files, training, and the decoder."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -101,11 +102,18 @@ def test_files_round_trip_and_refuse_changed_weights(tmp_path):
     weights.write_bytes(bytes(blob))
     with pytest.raises(SpineError, match="sha256 does not match"):
         EndClassifier.load(path)
+    # a file whose hash was written into the JSON by hand but holds no weights
+    weights.write_bytes(b"not a checkpoint")
+    meta = json.loads(path.read_text())
+    meta["sha256"] = hashlib.sha256(b"not a checkpoint").hexdigest()
+    path.write_text(json.dumps(meta))
+    with pytest.raises(SpineError, match="ends.pth: not end classifier weights"):
+        EndClassifier.load(path)
     weights.unlink()
     with pytest.raises(SpineError, match="weights .* are missing"):
         EndClassifier.load(path)
     (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(SpineError, match="not a end classifier|not an end classifier"):
+    with pytest.raises(SpineError, match="not a vertebra end classifier"):
         EndClassifier.load(tmp_path / "other.json")
 
 
