@@ -20,7 +20,6 @@ the sha256 matches.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -34,6 +33,7 @@ from detectron2.structures import BoxMode
 from torch import nn
 from torchvision.ops import roi_align
 
+from ..data.io import file_sha256
 from ..errors import SpineError
 from .jsonfile import read_model_json, write_model_json
 
@@ -44,6 +44,7 @@ __all__ = [
     "add_end_evidence",
     "context_boxes",
     "crop_contexts",
+    "end_rows",
     "end_samples",
     "train_end_classifier",
 ]
@@ -133,15 +134,18 @@ class EndClassifier(nn.Module):
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(self.body(crops)["res5"].float().mean((2, 3))))
 
+    def crops(self, image: torch.Tensor, boxes) -> torch.Tensor:
+        """N x 3 x crop_size context crops of ``image`` around ``boxes`` (gray repeated)."""
+        x = crop_contexts(image, boxes, self.crop_size, self.context_half)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
     @torch.no_grad()
     def log_probs(self, image: torch.Tensor, boxes, group: int) -> np.ndarray:
         """N x 4 log-probabilities of the group's names (TOP: C7..T3, BOTTOM: L3..S1) for the
         bodies ``boxes`` of ``image``; the average of the crop and its mirror image."""
         if len(boxes) == 0:
             return np.zeros((0, 4))
-        x = crop_contexts(image, boxes, self.crop_size, self.context_half)
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        x = x.to(self.fc.weight.device)
+        x = self.crops(image, boxes).to(self.fc.weight.device)
         logits = (self(x) + self(x.flip(-1))) / 2
         part = logits[:, 4 * group : 4 * group + 4].float()
         return F.log_softmax(part, dim=1).cpu().numpy()
@@ -160,7 +164,7 @@ class EndClassifier(nn.Module):
         head = {
             "format": END_CLASSIFIER_FORMAT,
             "weights": weights.name,
-            "sha256": _sha256(weights),
+            "sha256": file_sha256(weights),
             "names": list(END_NAMES),
             "crop_size": list(self.crop_size),
             "context_half": list(self.context_half),
@@ -183,7 +187,7 @@ class EndClassifier(nn.Module):
         weights = path.parent / str(data.get("weights", ""))
         if not weights.is_file():
             raise SpineError(f"{path}: its weights {weights} are missing")
-        if _sha256(weights) != data.get("sha256"):
+        if file_sha256(weights) != data.get("sha256"):
             raise SpineError(f"{weights}: sha256 does not match {path} (changed or corrupt file)")
         model = cls(data["resnets"], data["crop_size"], data["context_half"])
         try:
@@ -204,12 +208,10 @@ class EndClassifier(nn.Module):
         return model.eval()
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def end_rows(centers) -> tuple:
+    """(topmost, lowest) row of ``centers`` (N x 2, x y): the detections the classifier sees."""
+    y = np.asarray(centers, dtype=np.float64)[:, 1]
+    return int(y.argmin()), int(y.argmax())
 
 
 def add_end_evidence(
@@ -229,8 +231,8 @@ def add_end_evidence(
     if len(out) == 0:
         return out
     names = list(level_names)
-    y = np.asarray(centers, dtype=np.float64)[:, 1]
-    for row, lp, group in ((int(y.argmin()), top, TOP), (int(y.argmax()), bottom, BOTTOM)):
+    first, last = end_rows(centers)
+    for row, lp, group in ((first, top, TOP), (last, bottom, BOTTOM)):
         if lp is None:
             continue
         add = np.full(len(names), float(floor))
@@ -304,8 +306,7 @@ def train_end_classifier(
 def _augmented_crop(model, image, box, rng, jitter) -> torch.Tensor:
     w, h = box[2] - box[0], box[3] - box[1]
     box = np.asarray(box) + rng.normal(0, jitter, 4) * np.r_[w, h, w, h]
-    x = crop_contexts(image, [box], model.crop_size, model.context_half)
-    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    x = model.crops(image, [box])
     # photometric changes in the normalised frame: contrast about the crop's mean, noise
     mean = x.mean()
     x = (x - mean) * float(rng.uniform(0.75, 1.33)) + mean + float(rng.normal(0, 0.1))

@@ -15,7 +15,6 @@ features come from the model's own outputs at inference, in the model's input fr
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +24,7 @@ import torch
 from detectron2.layers.mask_ops import paste_masks_in_image
 from detectron2.structures import Boxes, pairwise_iou
 
+from ..data.io import file_sha256  # noqa: F401  (re-exported: callers import it from here)
 from ..errors import SpineError
 from .jsonfile import read_model_json, write_model_json
 
@@ -374,11 +374,3 @@ def choose_cut(table: Sequence[dict]) -> float:
         raise ValueError("choose_cut needs at least one row")
     best = max(table, key=lambda r: (min(r["recall"], r["precision"]), r["f1"]))
     return float(best["cut"])
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -42,7 +42,7 @@ from detectron2.structures import Boxes, Instances
 from fvcore.nn import smooth_l1_loss
 from torch import nn
 
-from .end_classifier import EndClassifier, add_end_evidence
+from .end_classifier import EndClassifier, add_end_evidence, end_rows
 from .levels import LevelPrior, decode_levels
 from .rescorer import DetectionRescorer, file_sha256, maskness, rescore_features
 from .rescue import rescue_chain
@@ -397,11 +397,10 @@ class LevelROIHeads(StandardROIHeads):
             return evidence
         image = self._input_images.tensor[image_index]
         xyxy = boxes.tensor.detach().float().cpu().numpy()
-        y = centers[:, 1]
-        ends = [xyxy[int(y.argmin())]], [xyxy[int(y.argmax())]]
+        first, last = end_rows(centers)
         classifier = self.end_classifier.to(image.device)
-        top = classifier.log_probs(image, ends[0], group=0)[0]
-        bottom = classifier.log_probs(image, ends[1], group=1)[0]
+        top = classifier.log_probs(image, [xyxy[first]], group=0)[0]
+        bottom = classifier.log_probs(image, [xyxy[last]], group=1)[0]
         return add_end_evidence(
             evidence, centers, top, bottom, self.level_names, self.end_weight, self.end_floor
         )
