@@ -84,7 +84,7 @@ def discover_scans(inputs) -> tuple[list, list]:
     for p in found:
         try:
             pairs.append((str(p), p.relative_to(common).as_posix()))
-        except ValueError:  # a glob reaching above its root, e.g. "scans/../other/*.png"
+        except ValueError:  # a glob through a symlinked folder, e.g. "scans/*/a.png"
             raise SpineError(f"{p}: outside the input folder {common}") from None
     return _with_zoi_dirs(pairs), roots
 

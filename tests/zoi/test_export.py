@@ -12,6 +12,7 @@ import pytest
 
 from spine_d2.data.dicom import write_dicom
 from spine_d2.data.io import read_scan
+from spine_d2.errors import SpineError
 from spine_d2.zoi import ZOIExporter, check_manifest_line, discover_scans, shard
 from spine_d2.zoi.cli import main as cli_main
 
@@ -294,3 +295,11 @@ def test_a_folder_of_symlinked_scans_keeps_the_links_names(scan_folder, tmp_path
     assert [i.rel for i in items] == [f"scan_{i}.png" for i in range(len(items))]
     assert len(items) >= 2 and all(Path(i.path).parent == links.resolve() for i in items)
     assert [i.zoi_dir for i in items] == [f"zoi/scan_{i}" for i in range(len(items))]
+
+
+def test_a_glob_through_a_symlinked_folder_elsewhere_is_one_line(scan_folder, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "elsewhere").symlink_to((scan_folder / "a").resolve(), target_is_directory=True)
+    with pytest.raises(SpineError, match="outside the input folder"):
+        discover_scans([str(root / "*" / "*.png")])
