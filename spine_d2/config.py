@@ -122,8 +122,7 @@ def add_spine_config(cfg):
     # End classifier (modeling/end_classifier.py, tools/train_end_classifier.py): a JSON naming
     # a small ResNet that tells C7/T1/T2/T3 at the chain's top and L3/L4/L5/S1 at its bottom from
     # the ribs, clavicles and pelvis around them; the decoder adds WEIGHT x its log-probabilities
-    # there (FLOOR nats for other names). The JSON may be an ensemble of seeds (--seeds, the
-    # members' logits averaged). "" = off.
+    # there (FLOOR nats for other names). "" = off.
     _C.SPINE.LEVEL_HEAD.END_CLASSIFIER = CN()
     _C.SPINE.LEVEL_HEAD.END_CLASSIFIER.FILE = ""
     _C.SPINE.LEVEL_HEAD.END_CLASSIFIER.WEIGHT = 2.0

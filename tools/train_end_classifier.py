@@ -12,9 +12,7 @@ training films held out of the classifier is also unseen by its features).
       --dataset spine_aasce_train --val-dataset spine_aasce_val \
       --out output/aasce/end_classifier.json
 
-``--seed 0 1 2`` trains one classifier per seed (``<out>_seed<k>.json``) and writes ``--out``
-as their ensemble; ``--members A.json B.json ... --out E.json`` makes an ensemble of classifiers
-already trained. Then set SPINE.LEVEL_HEAD.END_CLASSIFIER.FILE to the JSON
+Then set SPINE.LEVEL_HEAD.END_CLASSIFIER.FILE to the JSON
 (configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_end_classifier_cpu.yaml names this one; make
 end-classifier-aasce runs both steps).
 """
@@ -66,58 +64,6 @@ def accuracy(model, films) -> dict:
     return {g: round(h / max(n, 1), 4) for g, (h, n) in zip(("top", "bottom"), hits.values())}
 
 
-def _train_one(cfg, args, films, val, seed, out, logger) -> None:
-    """Train one classifier from ``args.init`` with ``seed`` and write it to ``out``."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-    from tqdm import tqdm
-
-    from spine_d2.modeling.end_classifier import EndClassifier, train_end_classifier
-
-    resnets = {k: v for k, v in cfg.MODEL.RESNETS.items() if k != "OUT_FEATURES"}
-    model = EndClassifier(resnets)
-    detector = build_model(cfg)
-    DetectionCheckpointer(detector).load(args.init)
-    model.body.load_state_dict(detector.backbone.bottom_up.state_dict())
-    del detector
-    model.to(cfg.MODEL.DEVICE)  # films stay on the CPU; each batch of crops moves
-    t0 = time.perf_counter()
-    n = sum(len(b) for _, b in films)
-    with tqdm(total=args.epochs * -(-n // 32), desc=f"seed {seed}", mininterval=30) as bar:
-        losses = train_end_classifier(model, films, args.epochs, seed=seed, progress=bar)
-    wall = time.perf_counter() - t0
-    model.eval()
-    source = {
-        "dataset": args.dataset,
-        "films": len(films),
-        "samples": n,
-        "init": args.init,
-        "config": args.config_file,
-        "epochs": args.epochs,
-        "seed": seed,
-        "train_s": round(wall, 1),
-        "loss_by_epoch": [round(v, 4) for v in losses],
-        "train_accuracy": accuracy(model, films),
-    }
-    if val is not None:
-        source["val_dataset"] = args.val_dataset
-        source["val_accuracy"] = accuracy(model, val)
-    model.save(out, source)
-    logger.info(
-        f"end classifier: {n} boxes of {len(films)} films, seed {seed}, {args.epochs} epochs in "
-        f"{wall:.0f} s; accuracy train {source['train_accuracy']}"
-        + (f", {args.val_dataset} {source['val_accuracy']}" if val is not None else "")
-        + f"; wrote {out}"
-    )
-
-
-def _ensemble(args, members, logger) -> None:
-    from spine_d2.modeling.end_classifier import EndClassifierEnsemble
-
-    EndClassifierEnsemble.save(args.out, members, {"members": [str(m) for m in members]})
-    logger.info(f"end classifier ensemble of {len(members)}: wrote {args.out}")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config-file", required=True, help="the detector's config (mapper, RESNETS)")
@@ -130,36 +76,23 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--out", required=True, help="JSON to write; the weights go beside it (.pth)")
     ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument(
-        "--seed",
-        type=int,
-        nargs="+",
-        default=[0],
-        help="one seed, or several: one classifier each (<out>_seed<k>.json) and --out an "
-        "ensemble of them",
-    )
-    ap.add_argument(
-        "--members",
-        nargs="+",
-        default=[],
-        help="no training: write --out as the ensemble of these end classifier JSONs",
-    )
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     args = ap.parse_args(argv)
 
-    from pathlib import Path
-
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
     from detectron2.utils.logger import setup_logger
+    from tqdm import tqdm
 
     from spine_d2.engine.setup import build_config
     from spine_d2.errors import SpineError
+    from spine_d2.modeling.end_classifier import EndClassifier, train_end_classifier
 
     logger = setup_logger(name="spine_d2", abbrev_name="spine")
     try:
-        if args.members:
-            _ensemble(args, args.members, logger)
-            return 0
         cfg = build_config(args.config_file, ["MODEL.WEIGHTS", args.init, *args.opts])
         for name in filter(None, (args.dataset, args.val_dataset)):
             if name not in DatasetCatalog.list():
@@ -167,20 +100,45 @@ def main(argv=None) -> int:
                     f"{name}: not a registered dataset (for AASCE run make data-aasce first)"
                 )
         films = _films(cfg, DatasetCatalog.get(args.dataset), args.dataset)
-        val = None
+        resnets = {k: v for k, v in cfg.MODEL.RESNETS.items() if k != "OUT_FEATURES"}
+        model = EndClassifier(resnets)
+        detector = build_model(cfg)
+        DetectionCheckpointer(detector).load(args.init)
+        model.body.load_state_dict(detector.backbone.bottom_up.state_dict())
+        del detector
+        model.to(cfg.MODEL.DEVICE)  # films stay on the CPU; each batch of crops moves
+        t0 = time.perf_counter()
+        n = sum(len(b) for _, b in films)
+        with tqdm(total=args.epochs * -(-n // 32), desc="end classifier", mininterval=30) as bar:
+            losses = train_end_classifier(model, films, args.epochs, seed=args.seed, progress=bar)
+        wall = time.perf_counter() - t0
+        model.eval()
+        source = {
+            "dataset": args.dataset,
+            "films": len(films),
+            "samples": n,
+            "init": args.init,
+            "config": args.config_file,
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "train_s": round(wall, 1),
+            "loss_by_epoch": [round(v, 4) for v in losses],
+            "train_accuracy": accuracy(model, films),
+        }
         if args.val_dataset:
             val = _films(cfg, DatasetCatalog.get(args.val_dataset), args.val_dataset)
-        if len(args.seed) == 1:
-            _train_one(cfg, args, films, val, args.seed[0], args.out, logger)
-            return 0
-        out = Path(args.out)
-        members = [out.with_name(f"{out.stem}_seed{k}.json") for k in args.seed]
-        for seed, member in zip(args.seed, members):
-            _train_one(cfg, args, films, val, seed, member, logger)
-        _ensemble(args, members, logger)
+            source["val_dataset"] = args.val_dataset
+            source["val_accuracy"] = accuracy(model, val)
+        model.save(args.out, source)
     except SpineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    logger.info(
+        f"end classifier: {n} boxes of {len(films)} films, {args.epochs} epochs in {wall:.0f} s; "
+        f"accuracy train {source['train_accuracy']}"
+        + (f", {args.val_dataset} {source['val_accuracy']}" if args.val_dataset else "")
+        + f"; wrote {args.out}"
+    )
     return 0
 
 

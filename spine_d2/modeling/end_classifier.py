@@ -15,9 +15,7 @@ the topmost and the lowest confident detection, WEIGHT times the classifier's lo
 of its group's four names (FLOOR nats for every other name) to the evidence it already has.
 ``tools/train_end_classifier.py`` trains one; its files are a JSON (format, architecture, crop,
 the weights' sha256, how it was trained) next to the weights, read with ``weights_only`` after
-the sha256 matches. Several of them (seeds) make an :class:`EndClassifierEnsemble`, whose JSON
-lists its members' JSONs with their sha256; the members' logits are averaged.
-:func:`load_end_classifier` reads either.
+the sha256 matches.
 """
 
 from __future__ import annotations
@@ -41,22 +39,17 @@ from .jsonfile import read_model_json, write_model_json
 
 __all__ = [
     "END_CLASSIFIER_FORMAT",
-    "END_ENSEMBLE_FORMAT",
     "END_NAMES",
     "EndClassifier",
-    "EndClassifierEnsemble",
     "add_end_evidence",
     "context_boxes",
     "crop_contexts",
     "end_rows",
     "end_samples",
-    "load_end_classifier",
     "train_end_classifier",
 ]
 
 END_CLASSIFIER_FORMAT = "spine_d2.end_classifier/1"
-END_ENSEMBLE_FORMAT = "spine_d2.end_classifier_ensemble/1"
-_WRITER = "tools/train_end_classifier.py"
 #: Top group, then bottom group: each named among its own four.
 END_NAMES = ("C7", "T1", "T2", "T3", "L3", "L4", "L5", "S1")
 TOP, BOTTOM = 0, 1
@@ -147,15 +140,15 @@ class EndClassifier(nn.Module):
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
     @torch.no_grad()
-    def logits(self, image: torch.Tensor, boxes) -> torch.Tensor:
-        """N x 8 logits for the bodies ``boxes`` of ``image``: the average of the crop's and
-        its mirror image's (the anatomy that names an end is left-right symmetric)."""
-        x = self.crops(image, boxes).to(self.fc.weight.device)
-        return ((self(x) + self(x.flip(-1))) / 2).float()
-
     def log_probs(self, image: torch.Tensor, boxes, group: int) -> np.ndarray:
-        """N x 4 log-probabilities of the group's names (TOP: C7..T3, BOTTOM: L3..S1)."""
-        return _group_log_probs(self, image, boxes, group)
+        """N x 4 log-probabilities of the group's names (TOP: C7..T3, BOTTOM: L3..S1) for the
+        bodies ``boxes`` of ``image``; the average of the crop and its mirror image."""
+        if len(boxes) == 0:
+            return np.zeros((0, 4))
+        x = self.crops(image, boxes).to(self.fc.weight.device)
+        logits = (self(x) + self(x.flip(-1))) / 2
+        part = logits[:, 4 * group : 4 * group + 4].float()
+        return F.log_softmax(part, dim=1).cpu().numpy()
 
     # ------------------------------------------------------------------ files
     def save(self, path, source: dict) -> None:
@@ -183,7 +176,9 @@ class EndClassifier(nn.Module):
     def load(cls, path) -> "EndClassifier":
         """The classifier of ``path`` in eval mode; a one-line SpineError naming the file when it
         is not one, or its weights are missing, changed or unreadable."""
-        data = read_model_json(path, "vertebra end classifier", END_CLASSIFIER_FORMAT, _WRITER)
+        data = read_model_json(
+            path, "vertebra end classifier", END_CLASSIFIER_FORMAT, "tools/train_end_classifier.py"
+        )
         path = Path(path)
         if list(data.get("names", [])) != list(END_NAMES):
             raise SpineError(
@@ -211,78 +206,6 @@ class EndClassifier(nn.Module):
             ) from None
         model.source = data.get("source", {})
         return model.eval()
-
-
-def _group_log_probs(classifier, image, boxes, group: int) -> np.ndarray:
-    if len(boxes) == 0:
-        return np.zeros((0, 4))
-    part = classifier.logits(image, boxes)[:, 4 * group : 4 * group + 4]
-    return F.log_softmax(part, dim=1).cpu().numpy()
-
-
-class EndClassifierEnsemble(nn.Module):
-    """End classifiers trained alike from different seeds, their logits averaged: one seed's
-    naming of a film's ends varies with the seed more than the seeds' average does."""
-
-    def __init__(self, members: Sequence[EndClassifier]):
-        super().__init__()
-        if not members:
-            raise ValueError("an end classifier ensemble needs at least one member")
-        self.members = nn.ModuleList(members)
-
-    @torch.no_grad()
-    def logits(self, image: torch.Tensor, boxes) -> torch.Tensor:
-        """N x 8: the mean of the members' (mirror-averaged) logits."""
-        return torch.stack([m.logits(image, boxes).cpu() for m in self.members]).mean(0)
-
-    def log_probs(self, image: torch.Tensor, boxes, group: int) -> np.ndarray:
-        """N x 4 log-probabilities of the group's names, from the averaged logits."""
-        return _group_log_probs(self, image, boxes, group)
-
-    @staticmethod
-    def save(path, member_files: Sequence, source: dict) -> None:
-        """``path`` (JSON) naming ``member_files`` (end classifier JSONs, stored relative to
-        ``path``'s folder) and the sha256 of each, written to a temporary name and renamed."""
-        path = Path(path)
-        members = []
-        for f in member_files:
-            EndClassifier.load(f)  # a broken member fails here, not at inference
-            rel = os.path.relpath(Path(f).resolve(), path.parent.resolve())
-            members.append({"file": rel, "sha256": file_sha256(f)})
-        head = {"format": END_ENSEMBLE_FORMAT, "members": members}
-        write_model_json(path, head, "source", json.dumps(source, indent=1))
-
-    @classmethod
-    def load(cls, path) -> "EndClassifierEnsemble":
-        """The ensemble of ``path``, each member's JSON checked against its sha256 and loaded
-        by :meth:`EndClassifier.load`; one-line SpineErrors naming the file."""
-        what = "vertebra end classifier ensemble"
-        data = read_model_json(path, what, END_ENSEMBLE_FORMAT, _WRITER)
-        path = Path(path)
-        entries = data.get("members")
-        if not isinstance(entries, list) or not entries:
-            raise SpineError(f"{path}: an end classifier ensemble with no members")
-        members = []
-        for entry in entries:
-            f = path.parent / str(entry.get("file", ""))
-            if not f.is_file():
-                raise SpineError(f"{path}: its member {f} is missing")
-            if file_sha256(f) != entry.get("sha256"):
-                raise SpineError(f"{f}: sha256 does not match {path} (changed or corrupt file)")
-            members.append(EndClassifier.load(f))
-        model = cls(members)
-        model.source = data.get("source", {})
-        return model.eval()
-
-
-def load_end_classifier(path):
-    """An :class:`EndClassifier` or an :class:`EndClassifierEnsemble`, as ``path``'s format
-    says (SPINE.LEVEL_HEAD.END_CLASSIFIER.FILE takes either)."""
-    formats = (END_CLASSIFIER_FORMAT, END_ENSEMBLE_FORMAT)
-    head = read_model_json(path, "vertebra end classifier", formats, _WRITER)
-    if head.get("format") == END_ENSEMBLE_FORMAT:
-        return EndClassifierEnsemble.load(path)
-    return EndClassifier.load(path)
 
 
 def end_rows(centers) -> tuple:

@@ -12,10 +12,9 @@ from ..errors import SpineError
 __all__ = ["read_model_json", "write_model_json"]
 
 
-def read_model_json(path, what: str, fmt, writer: str) -> dict:
-    """The JSON object in ``path`` whose "format" is ``fmt`` (or one of them, a tuple);
-    otherwise a one-line SpineError naming the file. ``what`` names the part in messages,
-    ``writer`` the tool that writes one."""
+def read_model_json(path, what: str, fmt: str, writer: str) -> dict:
+    """The JSON object in ``path`` whose "format" is ``fmt``; otherwise a one-line SpineError
+    naming the file. ``what`` names the part in messages, ``writer`` the tool that writes one."""
     path = Path(path)
     if not path.is_file():
         raise SpineError(f"{path}: {what} file not found ({writer} writes one)")
@@ -23,10 +22,8 @@ def read_model_json(path, what: str, fmt, writer: str) -> dict:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SpineError(f"{path}: not a JSON {what} ({e})") from None
-    formats = (fmt,) if isinstance(fmt, str) else tuple(fmt)
-    if not isinstance(data, dict) or data.get("format") not in formats:
-        wanted = repr(fmt) if isinstance(fmt, str) else f"one of {list(formats)}"
-        raise SpineError(f"{path}: not a {what} (format is not {wanted})")
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise SpineError(f"{path}: not a {what} (format is not {fmt!r})")
     return data
 
 

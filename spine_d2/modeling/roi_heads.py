@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +42,7 @@ from detectron2.structures import Boxes, Instances
 from fvcore.nn import smooth_l1_loss
 from torch import nn
 
-from .end_classifier import (
-    EndClassifier,
-    EndClassifierEnsemble,
-    add_end_evidence,
-    end_rows,
-    load_end_classifier,
-)
+from .end_classifier import EndClassifier, add_end_evidence, end_rows
 from .levels import LevelPrior, decode_levels
 from .rescorer import DetectionRescorer, file_sha256, maskness, rescore_features
 from .rescue import rescue_chain
@@ -141,7 +135,7 @@ class LevelROIHeads(StandardROIHeads):
         output_range: Sequence[str] = (),
         rescorer: Optional[DetectionRescorer] = None,
         branch_weight: float = 1.0,
-        end_classifier: Optional[Union[EndClassifier, EndClassifierEnsemble]] = None,
+        end_classifier: Optional[EndClassifier] = None,
         end_weight: float = 2.0,
         end_floor: float = -7.0,
         **kwargs,
@@ -176,10 +170,9 @@ class LevelROIHeads(StandardROIHeads):
                 not apply); levels are decoded again on the new scores. None = off.
             branch_weight: weight of the level branch's log-probabilities in the decoding.
             end_classifier, end_weight, end_floor: an
-                :class:`~spine_d2.modeling.end_classifier.EndClassifier` (or an ensemble of
-                them) whose log-probabilities of the topmost and lowest decoded detections,
-                times ``end_weight``, join the evidence (``end_floor`` for names outside its
-                groups). None = off.
+                :class:`~spine_d2.modeling.end_classifier.EndClassifier` whose log-probabilities
+                of the topmost and lowest decoded detections, times ``end_weight``, join the
+                evidence (``end_floor`` for names outside its groups). None = off.
             kwargs: StandardROIHeads' arguments.
         """
         super().__init__(**kwargs)
@@ -299,7 +292,7 @@ class LevelROIHeads(StandardROIHeads):
             rescorer=_load_rescorer(cfg),
             branch_weight=head.BRANCH_WEIGHT,
             end_classifier=(
-                load_end_classifier(head.END_CLASSIFIER.FILE) if head.END_CLASSIFIER.FILE else None
+                EndClassifier.load(head.END_CLASSIFIER.FILE) if head.END_CLASSIFIER.FILE else None
             ),
             end_weight=head.END_CLASSIFIER.WEIGHT,
             end_floor=head.END_CLASSIFIER.FLOOR,

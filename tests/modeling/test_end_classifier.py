@@ -15,11 +15,9 @@ from spine_d2.errors import SpineError
 from spine_d2.modeling.end_classifier import (
     END_NAMES,
     EndClassifier,
-    EndClassifierEnsemble,
     add_end_evidence,
     crop_contexts,
     end_samples,
-    load_end_classifier,
     train_end_classifier,
 )
 
@@ -29,11 +27,7 @@ R18 = {"DEPTH": 18, "NORM": "GN", "STRIDE_IN_1X1": False, "RES2_OUT_CHANNELS": 6
 
 def _record(levels, height=400, top=60.0, step=20.0):
     annos = [
-        {
-            "bbox": [40.0, top + step * k, 30.0, 14.0],
-            "bbox_mode": BoxMode.XYWH_ABS,
-            "level": n,
-        }
+        {"bbox": [40.0, top + step * k, 30.0, 14.0], "bbox_mode": BoxMode.XYWH_ABS, "level": n}
         for k, n in enumerate(levels)
     ]
     return {"height": height, "width": 120, "annotations": annos}
@@ -77,56 +71,15 @@ def test_end_evidence_goes_to_the_top_and_bottom_rows_only():
     assert add_end_evidence(np.zeros((5, 9)), centers, None, None, levels, 2.0, -7.0).sum() == 0
 
 
-def _biased(top_name, bottom_name, strength=6.0):
+def _biased(top_name, bottom_name):
     """A real classifier whose last layer ignores the image and favours two names."""
     model = EndClassifier(R18).eval()
     with torch.no_grad():
         model.fc.weight.zero_()
         model.fc.bias.zero_()
-        model.fc.bias[END_NAMES.index(top_name)] = strength
-        model.fc.bias[END_NAMES.index(bottom_name)] = strength
+        model.fc.bias[END_NAMES.index(top_name)] = 6.0
+        model.fc.bias[END_NAMES.index(bottom_name)] = 6.0
     return model
-
-
-def test_an_ensemble_averages_its_members_logits(tmp_path):
-    """One member sure of C7 (6), the other surer of T1 (8): the average (C7 3, T1 4) names T1,
-    which neither a vote of the first member nor a max over members would."""
-    sure_c7, surer_t1 = _biased("C7", "S1", 6.0), _biased("T1", "L5", 8.0)
-    sure_c7.save(tmp_path / "a" / "ends.json", {"seed": 0})
-    surer_t1.save(tmp_path / "b" / "ends.json", {"seed": 1})
-    path = tmp_path / "ensemble.json"
-    members = [tmp_path / "a" / "ends.json", tmp_path / "b" / "ends.json"]
-    EndClassifierEnsemble.save(path, members, {"note": "test"})
-    assert json.loads(path.read_text())["members"][0]["file"] == "a/ends.json"  # relative
-
-    ensemble = load_end_classifier(path)
-    assert isinstance(ensemble, EndClassifierEnsemble) and len(ensemble.members) == 2
-    assert isinstance(load_end_classifier(members[0]), EndClassifier)
-    image, box = torch.randn(3, 96, 64), [[20.0, 40.0, 40.0, 52.0]]
-    mean = (sure_c7.logits(image, box) + surer_t1.logits(image, box)) / 2
-    torch.testing.assert_close(ensemble.logits(image, box), mean, atol=1e-2, rtol=0)
-    top = ensemble.log_probs(image, box, 0)[0]
-    assert top.argmax() == 1  # T1
-    assert np.exp(top).sum() == pytest.approx(1.0, abs=1e-5)
-    np.testing.assert_allclose(top[:2], [3.0, 4.0] - np.log(np.exp(3) + np.exp(4) + 2), atol=2e-2)
-
-    # a member changed after the ensemble was written, or gone: one line naming the file
-    meta = json.loads(members[1].read_text())
-    meta["source"]["seed"] = 7
-    members[1].write_text(json.dumps(meta))
-    with pytest.raises(SpineError, match=r"b/ends.json: sha256 does not match .*ensemble.json"):
-        load_end_classifier(path)
-    members[1].unlink()
-    with pytest.raises(SpineError, match="ensemble.json: its member .* is missing"):
-        load_end_classifier(path)
-    (tmp_path / "empty.json").write_text(
-        json.dumps({"format": "spine_d2.end_classifier_ensemble/1", "members": []})
-    )
-    with pytest.raises(SpineError, match="empty.json: an end classifier ensemble with no members"):
-        load_end_classifier(tmp_path / "empty.json")
-    (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(SpineError, match="other.json: not a vertebra end classifier .*one of"):
-        load_end_classifier(tmp_path / "other.json")
 
 
 def test_files_round_trip_and_refuse_changed_weights(tmp_path):
@@ -234,18 +187,6 @@ def test_the_decoder_names_the_chain_from_the_ends(tmp_path):
     with_ends._input_images = images
     with_ends._label_levels(inst, logits, 0)
     assert [levels[i] for i in inst.pred_levels.tolist()] == names
-    # an ensemble of two such classifiers through the same key names the chain alike
-    _biased("C7", "L5", 4.0).save(tmp_path / "ends2.json", {})
-    EndClassifierEnsemble.save(tmp_path / "both.json", [path, tmp_path / "ends2.json"], {})
-    _, with_two = _heads(
-        "SPINE.LEVEL_HEAD.END_CLASSIFIER.FILE", str(tmp_path / "both.json"),
-        "SPINE.LEVEL_HEAD.BRANCH_WEIGHT", "0.0",
-    )  # fmt: skip
-    assert isinstance(with_two.end_classifier, EndClassifierEnsemble)
-    inst.pred_levels = torch.zeros_like(inst.pred_levels)
-    with_two._input_images = images
-    with_two._label_levels(inst, logits, 0)
-    assert [levels[i] for i in inst.pred_levels.tolist()] == names
     # no input image (e.g. boxes given from outside): the decoder works as without a classifier
     with_ends._input_images = None
     with_ends._label_levels(inst, logits, 0)
@@ -278,26 +219,3 @@ def test_the_tool_refuses_an_unknown_dataset(tmp_path):
     assert run.returncode == 1
     assert "error: no_such_split: not a registered dataset" in run.stderr.strip().splitlines()[-1]
     assert not out.exists()
-
-
-def test_the_tool_assembles_an_ensemble_and_refuses_a_broken_member(tmp_path):
-    _biased("C7", "S1").save(tmp_path / "s0.json", {"seed": 0})
-    _biased("T1", "L5").save(tmp_path / "s1.json", {"seed": 1})
-    out = tmp_path / "ends.json"
-    tool = [sys.executable, "tools/train_end_classifier.py", "--config-file", QUICK]
-    run = subprocess.run(
-        [*tool, "--members", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--out", str(out)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert len(load_end_classifier(out).members) == 2
-
-    (tmp_path / "s1.pth").write_bytes(b"broken")
-    bad = tmp_path / "bad.json"
-    run = subprocess.run(
-        [*tool, "--members", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--out", str(bad)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert run.returncode == 1
-    assert run.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 's1.pth'}: sha256")
-    assert not bad.exists()
