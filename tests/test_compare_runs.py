@@ -70,6 +70,25 @@ def test_missing_results_is_one_line_error(tmp_path):
     assert r.returncode != 0 and "eval_results.json: not found" in r.stderr
 
 
+def test_unreadable_or_incomplete_results_are_one_line_errors(tmp_path):
+    d = _run_dir(tmp_path, "a", 80.0, 0.9, [])
+    results = d / "inference" / "eval_results.json"
+    cases = (
+        (b"\x89PNG\r\n", "eval_results.json: not readable as JSON ("),
+        (json.dumps({"bbox": {"AP50": 1.0}, "segm": {"AP50": 2.0}}).encode(), "no 'AP' figure"),
+        (b"[1, 2]", "eval_results.json: not an evaluation's results"),
+    )
+    for content, message in cases:
+        results.write_bytes(content)
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "tools/compare_runs.py"), f"A={d}", "--json",
+             str(tmp_path / "t.json")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr
+        assert not (tmp_path / "t.json").exists()
+
+
 def _vertebra_results(run_dir, matched, image_ids=None, dataset="spine_x"):
     d = run_dir / "inference" / dataset
     d.mkdir(parents=True)
@@ -101,6 +120,25 @@ def test_paired_differences_with_intervals_need_the_same_images(tmp_path):
     r = subprocess.run(cmd[:2] + [f"X={tmp_path}", f"A={a}", "--paired"], capture_output=True,
                        text=True)  # fmt: skip
     assert r.returncode != 0 and "eval_results.json: not found" in r.stderr
+
+
+def test_unreadable_or_incomplete_results_are_one_line_errors(tmp_path):
+    d = _run_dir(tmp_path, "a", 80.0, 0.9, [])
+    results = d / "inference" / "eval_results.json"
+    cases = (
+        (b"\x89PNG\r\n", "eval_results.json: not readable as JSON ("),
+        (json.dumps({"bbox": {"AP50": 1.0}, "segm": {"AP50": 2.0}}).encode(), "no 'AP' figure"),
+        (b"[1, 2]", "eval_results.json: not an evaluation's results"),
+    )
+    for content, message in cases:
+        results.write_bytes(content)
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "tools/compare_runs.py"), f"A={d}", "--json",
+             str(tmp_path / "t.json")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr
+        assert not (tmp_path / "t.json").exists()
 
 
 def test_paired_asks_to_evaluate_again_for_results_without_per_image_counts(tmp_path):

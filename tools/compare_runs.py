@@ -32,16 +32,25 @@ def run_summary(out_dir) -> dict:
     res_path = out_dir / "inference" / "eval_results.json"
     if not res_path.is_file():
         raise SystemExit(f"error: {res_path}: not found (evaluate the run first)")
-    res = json.loads(res_path.read_text())
-    row = {
-        "segm_AP": res["segm"]["AP"],
-        "segm_AP50": res["segm"]["AP50"],
-        "bbox_AP50": res["bbox"]["AP50"],
-        "recall": res["vertebra"]["recall"],
-        "precision": res["vertebra"]["precision"],
-        "dice": res["vertebra"]["mean_dice"],
-        "level_accuracy": res["vertebra"].get("level_accuracy"),
-    }
+    try:
+        res = json.loads(res_path.read_text(encoding="utf-8"))
+        row = {
+            "segm_AP": res["segm"]["AP"],
+            "segm_AP50": res["segm"]["AP50"],
+            "bbox_AP50": res["bbox"]["AP50"],
+            "recall": res["vertebra"]["recall"],
+            "precision": res["vertebra"]["precision"],
+            "dice": res["vertebra"]["mean_dice"],
+            "level_accuracy": res["vertebra"].get("level_accuracy"),
+        }
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise SystemExit(f"error: {res_path}: not readable as JSON ({e})") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        missing = f"no {e} figure" if isinstance(e, KeyError) else "not an evaluation's results"
+        raise SystemExit(
+            f"error: {res_path}: {missing} (needs the segm, bbox and vertebra results of an "
+            "evaluation with VertebraEvaluator)"
+        ) from None
     log = out_dir / "log.txt"
     speeds = _SPEED.findall(log.read_text(errors="replace")) if log.is_file() else []
     if speeds:  # one line per (resumed) segment of the run
@@ -134,9 +143,11 @@ def main(argv=None):
         for p in paired:
             cells = [f"{p[k]['diff']:+.3f} ({p[k]['low']:+.3f}, {p[k]['high']:+.3f})" for k in keys]
             print(f"| {p['run']} | " + " | ".join(cells) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": rows, "paired": paired} if paired else rows,
-                                              indent=1))  # fmt: skip
+    if args.json:  # to a temporary name, then renamed: an interrupted run leaves no half file
+        out = Path(args.json)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"runs": rows, "paired": paired} if paired else rows, indent=1))
+        tmp.replace(out)
     return 0
 
 

@@ -53,7 +53,7 @@ def _records_and_predictions(payload, results_dir: Path, flag: str):
     coco = results_dir / "coco_instances_results.json"
     try:
         predictions = json.loads(coco.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise SpineError(f"{coco}: needed for {flag} and not readable ({e})") from None
     if not isinstance(predictions, list):
         raise SpineError(f"{coco}: not a list of COCO detections")

@@ -92,8 +92,8 @@ def pairs_from_file(path: str, image_root: str | None = None) -> list:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SpineError(f"{path}: cannot read pairs file ({e})") from e
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise SpineError(f"{path}: cannot read pairs file ({e})") from None
     entries = data.get("pairs", data) if isinstance(data, dict) else data
     if image_root is None:
         base = Path(path).parent

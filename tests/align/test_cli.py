@@ -87,6 +87,14 @@ def test_pairs_file_of_the_builtin_format(tmp_path):
     ]
 
 
+def test_a_pairs_file_that_is_not_json_is_one_line(tmp_path, capsys):
+    for name, content in (("png.json", b"\x89PNG\r\n"), ("cut.json", b'{"pairs": [')):
+        (tmp_path / name).write_bytes(content)
+        assert main(["--pairs", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
+        assert f"{tmp_path / name}: cannot read pairs file (" in _error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
 def _enhance_one(low, high, out, manifest):
     """enhance_scan on one pair, both scans' vertebrae taken from ``manifest``."""
     return main(

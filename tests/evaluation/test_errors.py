@@ -231,6 +231,11 @@ def test_overlays_name_a_missing_predictions_file_and_an_unknown_image(
     (tmp_path / "vertebra_results.json").write_text(json.dumps(results))
     assert tool.main([str(tmp_path), "--overlays", "1"]) == 1
     assert "coco_instances_results.json: needed for --overlays" in capsys.readouterr().err
+    (tmp_path / "coco_instances_results.json").write_bytes(b"\x89PNG\r\n")  # not UTF-8
+    assert tool.main([str(tmp_path), "--kinds"]) == 1
+    assert "coco_instances_results.json: needed for --kinds and not readable (" in (
+        capsys.readouterr().err
+    )
     (tmp_path / "coco_instances_results.json").write_text('{"not": "a list"}')
     assert tool.main([str(tmp_path), "--kinds"]) == 1
     assert "coco_instances_results.json: not a list of COCO detections" in capsys.readouterr().err
