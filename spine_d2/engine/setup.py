@@ -6,6 +6,7 @@ import logging
 import os
 
 import torch
+import yaml
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
@@ -21,6 +22,12 @@ from ..modeling.soft_nms import SOFT_NMS_METHODS
 __all__ = ["build_config", "setup"]
 
 
+def _reason(e: Exception) -> str:
+    """An exception's message on one line (a KeyError's without its quotes)."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(text).split()) or type(e).__name__
+
+
 def build_config(config_file: str, opts=()):
     """get_cfg -> add spine keys -> merge file -> merge KEY VALUE opts -> resolve device -> freeze.
 
@@ -32,8 +39,15 @@ def build_config(config_file: str, opts=()):
         raise SpineError(f"{config_file}: no such config")
     cfg = get_cfg()
     add_spine_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    # detectron2 and yacs raise a traceback for each of these; a user gets one line instead
+    try:
+        cfg.merge_from_file(config_file)
+    except (OSError, ValueError, KeyError, AssertionError, yaml.YAMLError) as e:
+        raise SpineError(f"{config_file}: not a usable config ({_reason(e)})") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (ValueError, KeyError, AssertionError) as e:
+        raise SpineError(f"config options {' '.join(map(str, opts))}: {_reason(e)}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger(__name__).info("No CUDA device: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"

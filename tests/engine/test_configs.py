@@ -72,6 +72,43 @@ def test_missing_config_file_is_a_one_line_error(tmp_path):
         build_config(missing)
 
 
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        (b"MODEL:\n  WEIGHTS: [oops\n", "expected ',' or ']'"),  # YAML syntax
+        (b'_BASE_: "nope.yaml"\n', "No such file or directory"),
+        (b"NO_SUCH_KEY: 1\n", "Non-existent config key: NO_SUCH_KEY"),
+        (b"\x89PNG\r\n", "can't decode byte 0x89"),
+        (b"SOLVER:\n  BASE_LR: fast\n", "Type mismatch"),
+    ],
+)
+def test_a_broken_config_file_is_a_one_line_error(tmp_path, text, reason):
+    from spine_d2.errors import SpineError
+
+    path = tmp_path / "broken.yaml"
+    path.write_bytes(text)
+    with pytest.raises(SpineError, match=f"^{re.escape(str(path))}: not a usable config \\(") as e:
+        build_config(str(path))
+    assert reason in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "opts, reason",
+    [
+        (["SOLVER.BASE_LR"], "odd length"),
+        (["SOLVER.BASE_LR", "fast"], "Type mismatch"),
+        (["NO.SUCH_KEY", "1"], "Non-existent key: NO.SUCH_KEY"),
+    ],
+)
+def test_bad_command_line_options_are_a_one_line_error(opts, reason):
+    from spine_d2.errors import SpineError
+
+    config = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
+    with pytest.raises(SpineError, match=f"^config options {re.escape(' '.join(opts))}: ") as e:
+        build_config(config, opts)
+    assert reason in str(e.value)
+
+
 def test_shipped_config_counts_detections_from_one_cut():
     # The levels, the evaluator and the export must count from the same score, or they see
     # different vertebrae. 0.2 is the val-chosen point of the rescorer the config names, whose
