@@ -244,4 +244,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spine_d2.errors import run_cli
+
+    run_cli(main, "bench_export")

@@ -245,4 +245,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from spine_d2.errors import run_cli
+
+    run_cli(main, "bench_levels")

@@ -196,4 +196,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from spine_d2.errors import run_cli
+
+    run_cli(main, "bench_train")

@@ -175,5 +175,8 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.config_file):
         print(f"demo: error: {args.config_file}: no such config", file=sys.stderr)
         return 2
+    from .engine.setup import build_config
+
+    build_config(args.config_file, args.opts)  # a broken config fails before minutes of data
     run_demo(args.out, args.config_file, args.started_at, args.opts)
     return 0

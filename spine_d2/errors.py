@@ -30,3 +30,16 @@ class CheckpointError(SpineError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+def run_cli(main, prog: str) -> None:
+    """Exit with ``main()``'s status; a SpineError ends the program with one line,
+    ``<prog>: error: <what is wrong>``, and status 1 instead of a traceback."""
+    import sys
+
+    try:
+        status = main()
+    except SpineError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        status = 1
+    sys.exit(status)

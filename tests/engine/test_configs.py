@@ -158,3 +158,36 @@ def test_bad_equalize_settings_are_clear_errors():
             build_config(config, [f"INPUT.XRAY.EQUALIZE.{key}", value])
     off = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
     build_config(off, ["INPUT.XRAY.EQUALIZE.TILE_GRID", "0"])  # not checked while it is off
+
+
+def test_tools_print_one_line_for_a_broken_config(tmp_path):
+    """The demo and the benchmarks go through run_cli: a SpineError is one line, status 1."""
+    import subprocess
+    import sys
+
+    from spine_d2.errors import SpineError, run_cli
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("NO_SUCH_KEY: 1\n")
+    demo_out = tmp_path / "demo"
+    for script, prog in (("tools/demo.py", "demo"), ("benchmarks/bench_levels.py", "bench_levels")):
+        run = subprocess.run(
+            [sys.executable, script, "--config-file", str(broken), "--out", str(demo_out)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert run.returncode == 1
+        assert run.stderr.strip().splitlines()[-1] == (
+            f"{prog}: error: {broken}: not a usable config (Non-existent config key: NO_SUCH_KEY)"
+        )
+        assert "Traceback" not in run.stderr
+    assert not demo_out.exists()  # the demo checks its config before it generates anything
+
+    def fails():
+        raise SpineError("x.png: not an image")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(fails, "tool")
+    assert e.value.code == 1
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: 3, "tool")
+    assert e.value.code == 3
