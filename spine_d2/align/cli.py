@@ -114,7 +114,8 @@ class _ManifestIndex:
         if not os.path.isfile(path):
             raise SpineError(f"{path}: no such manifest")
         self.path = path
-        self.by_sha = {line["sha256"]: line for line in load_manifest(path).values()}
+        lines = load_manifest(path).values()
+        self.by_sha = {line["sha256"]: line for line in lines if "sha256" in line}
 
     def vertebrae(self, scan) -> list:
         line = self.by_sha.get(scan.meta.get("sha256") or file_sha256(scan.path))

@@ -78,7 +78,7 @@ def load_mapping(path) -> LabelMapping:
         raise DatasetError(path, "mapping file not found")
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise DatasetError(path, f"not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(doc, dict) or "categories" not in doc:
         raise DatasetError(path, "needs a 'categories' list (and 'labels')")

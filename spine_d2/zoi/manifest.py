@@ -12,6 +12,8 @@ import json
 import logging
 import os
 
+from ..errors import SpineError
+
 __all__ = [
     "SCHEMA_VERSION",
     "load_manifest",
@@ -115,18 +117,27 @@ def check_manifest_line(line: dict) -> None:
 
 
 def load_manifest(path: str) -> dict:
-    """path -> last complete line for it. A torn last line (killed process) is ignored."""
+    """path -> last complete line for it. A torn line (killed process) is ignored; a file of
+    which no line reads, or a JSON line that is not a scan's, is a one-line SpineError: the
+    exporter would otherwise append to some other file, and enhance_scan match nothing."""
     lines = {}
     if not os.path.isfile(path):
         return lines
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, 1):
+    torn = []
+    with open(path, "rb") as f:  # bytes: a torn line may end inside a UTF-8 character
+        for n, raw in enumerate(f, 1):
             try:
-                obj = json.loads(text)
-            except json.JSONDecodeError:
-                logger.warning("%s:%d: incomplete line ignored (interrupted run)", path, n)
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                torn.append(n)
                 continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("path"), str):
+                raise SpineError(f"{path}:{n}: not a ZOI manifest line (no 'path' of a scan)")
             lines[obj["path"]] = obj
+    if len(torn) > 1 and not lines:
+        raise SpineError(f"{path}: not a ZOI manifest (none of its {len(torn)} lines is JSON)")
+    for n in torn:
+        logger.warning("%s:%d: incomplete line ignored (interrupted run)", path, n)
     return lines
 
 

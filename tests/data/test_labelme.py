@@ -118,6 +118,9 @@ def test_missing_image_and_bad_mapping(tmp_path):
     m.write_text("categories: [a]\nlabelz: {}\n")
     with pytest.raises(DatasetError, match="unknown keys"):
         load_mapping(m)
+    m.write_bytes(b"\x89PNG\r\n")  # a picture saved under the mapping's name
+    with pytest.raises(DatasetError, match="m.yaml: not valid YAML"):
+        load_mapping(m)
 
 
 def test_to_labelme_refuses_a_missing_or_non_coco_file(tmp_path):

@@ -303,3 +303,36 @@ def test_a_glob_through_a_symlinked_folder_elsewhere_is_one_line(scan_folder, tm
     (root / "elsewhere").symlink_to((scan_folder / "a").resolve(), target_is_directory=True)
     with pytest.raises(SpineError, match="outside the input folder"):
         discover_scans([str(root / "*" / "*.png")])
+
+
+def test_manifest_reading_skips_torn_lines_and_refuses_other_files(tmp_path):
+    from spine_d2.zoi import load_manifest
+
+    good = {"path": "a/é.png", "zois": []}
+    line = json.dumps(good, ensure_ascii=False).encode("utf-8")
+    m = tmp_path / "manifest.jsonl"
+    m.write_bytes(line + b"\n" + line[: line.index(b"\xc3") + 1])  # torn inside the "é"
+    assert load_manifest(str(m)) == {"a/é.png": good}
+    m.write_bytes(line[:10])  # killed during the first line: nothing done yet
+    assert load_manifest(str(m)) == {}
+    m.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(SpineError, match=r"manifest.jsonl: not a ZOI manifest \(none of its"):
+        load_manifest(str(m))
+    m.write_text(json.dumps(good) + "\n" + json.dumps({"id": 3}) + "\n")
+    with pytest.raises(SpineError, match=r"manifest.jsonl:2: not a ZOI manifest line"):
+        load_manifest(str(m))
+
+
+def test_cli_refuses_an_output_folder_whose_manifest_is_another_file(
+    export_cli, scan_folder, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    picture = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    (out / "manifest.jsonl").write_bytes(picture)
+    rc = export_cli("--input", str(scan_folder), "--output", str(out), "--workers", "1")
+    assert rc != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("manifest.jsonl: not a ZOI manifest (none of its 7 lines is JSON)")
+    assert (out / "manifest.jsonl").read_bytes() == picture  # never touched
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]
