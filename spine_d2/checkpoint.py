@@ -17,7 +17,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .data.io import file_sha256
-from .errors import CheckpointError
+from .errors import CheckpointError, torch_load_reason
 
 __all__ = [
     "SpineCheckpointer",
@@ -68,7 +68,7 @@ class SpineCheckpointer(DetectionCheckpointer):
         try:
             return super()._load_file(filename)
         except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = torch_load_reason(e)
             raise CheckpointError(filename, f"not a readable checkpoint ({reason})") from None
 
 

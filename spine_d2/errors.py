@@ -43,3 +43,15 @@ def run_cli(main, prog: str) -> None:
         print(f"{prog}: error: {e}", file=sys.stderr)
         status = 1
     sys.exit(status)
+
+
+def torch_load_reason(e: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, on one line. Its unpickling errors
+    open with a paragraph on PyTorch 2.6's default that ends "Re-running with weights_only
+    False will likely succeed", advice that is wrong for a file that holds no checkpoint and
+    unsafe for one from elsewhere: keep only the unpickler's own reason."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+        return f"torch.load with weights_only refused it: {' '.join(detail.split())}"
+    return text.splitlines()[0] if text else type(e).__name__

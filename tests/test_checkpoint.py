@@ -46,6 +46,13 @@ def test_bad_manifest_and_unreadable_file_give_one_line_errors(tmp_path):
     path.write_bytes(b"not a pickle at all")
     with pytest.raises(CheckpointError, match=r"w\.pth: not a readable checkpoint"):
         SpineCheckpointer(nn.Linear(4, 3)).load(str(path))
+    # a picture given as weights: the unpickler's reason, not PyTorch's advice to unpickle it
+    # with weights_only=False
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(CheckpointError) as e:
+        SpineCheckpointer(nn.Linear(4, 3)).load(str(path))
+    assert "weights_only refused it: Unsupported operand" in str(e.value)
+    assert "arbitrary code" not in str(e.value) and "\n" not in str(e.value)
     path.with_suffix(".json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"w\.json: weights manifest has no 'sha256'"):
         verify_weights(path)

@@ -34,7 +34,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from ..data.io import file_sha256
-from ..errors import SpineError
+from ..errors import SpineError, torch_load_reason
 from .jsonfile import read_model_json, write_model_json
 
 __all__ = [
@@ -202,7 +202,7 @@ class EndClassifier(nn.Module):
             pickle.UnpicklingError,
         ) as e:
             raise SpineError(
-                f"{weights}: not end classifier weights ({str(e).splitlines()[0]})"
+                f"{weights}: not end classifier weights ({torch_load_reason(e)})"
             ) from None
         model.source = data.get("source", {})
         return model.eval()
