@@ -378,10 +378,31 @@ def _to_unit_gray(pixels: np.ndarray, bits_stored: int | None) -> np.ndarray:
     if np.issubdtype(pixels.dtype, np.integer):
         bits = bits_stored or pixels.dtype.itemsize * 8
         return np.clip(gray.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
-    # Float scans have no fixed range: min-max is the only choice that keeps them in [0, 1].
+    # Float scans have no fixed range: min-max is the only choice that keeps them in [0, 1]. The
+    # range is the finite values'; NaN (e.g. outside a processed field) reads as black, +inf
+    # as white, so that one such pixel does not blank the whole scan.
     gray = gray.astype(np.float32)
-    lo, hi = float(np.nanmin(gray)), float(np.nanmax(gray))
-    return np.zeros_like(gray) if hi <= lo else (gray - lo) / (hi - lo)
+    finite = gray[np.isfinite(gray)]
+    lo, hi = float(finite.min()), float(finite.max())
+    unit = np.zeros_like(gray) if hi <= lo else (gray - lo) / (hi - lo)
+    return np.nan_to_num(unit, nan=0.0, posinf=1.0, neginf=0.0)
+
+
+def _as_16_bit_at_most(path: str, pixels: np.ndarray) -> np.ndarray:
+    """Integer pixels as uint8/uint16, losslessly: signed ones shifted to start at 0, wider
+    containers (a 12- or 16-bit detector's counts saved as 32-bit TIFF) narrowed to uint16 when
+    their values fit. A range that does not fit 16 bits is refused rather than wrapped around."""
+    if pixels.dtype.kind not in "ui" or (pixels.dtype.kind == "u" and pixels.itemsize <= 2):
+        return pixels
+    low = int(pixels.min()) if pixels.dtype.kind == "i" else 0  # signed: start at 0
+    span = int(pixels.max()) - low
+    if span > 0xFFFF:
+        raise ScanReadError(
+            path,
+            f"{pixels.dtype} pixel values span {span + 1} levels, more than the 16 bits "
+            "spine-d2 reads (save the scan as 16-bit, or as float for a wider range)",
+        )
+    return (pixels.astype(np.int64) - low).astype(np.uint16)
 
 
 def read_scan(path: str | os.PathLike, *, frame: int | None = None) -> Scan:
@@ -408,8 +429,9 @@ def read_scan(path: str | os.PathLike, *, frame: int | None = None) -> Scan:
     _check_dimensions(path, pixels.shape[0], pixels.shape[1])
     if pixels.dtype == np.bool_ or pixels.dtype.kind not in "uif":
         raise ScanReadError(path, f"unsupported pixel type {pixels.dtype}")
-    if pixels.dtype.kind == "i":  # signed TIFF: shift so that intensities start at 0
-        pixels = (pixels.astype(np.int64) - int(pixels.min())).astype(np.uint16)
+    pixels = _as_16_bit_at_most(path, pixels)
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).any():
+        raise ScanReadError(path, "no finite pixel value (all NaN or infinite)")
     if image is None:
         image = _to_unit_gray(pixels, meta.get("bits_stored"))
         if meta.get("invert"):

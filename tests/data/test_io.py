@@ -124,6 +124,48 @@ def test_float_tiff_is_min_max_normalized(tmp_path):
     np.testing.assert_allclose(scan.image, (arr + 3.0) / 8.0, atol=1e-6)
 
 
+def test_float_tiff_with_nan_or_inf_keeps_its_finite_range(tmp_path):
+    arr = np.linspace(-3.0, 5.0, 24 * 40, dtype=np.float32).reshape(24, 40)
+    arr[0, :4] = np.nan  # e.g. outside a processed field
+    arr[1, :4] = np.inf
+    arr[2, :4] = -np.inf
+    tifffile.imwrite(tmp_path / "scan.tif", arr)
+    scan = read_scan(tmp_path / "scan.tif")
+    assert np.array_equal(scan.pixels, arr, equal_nan=True)  # the pixels stay as stored
+    finite = np.isfinite(arr)
+    lo, hi = arr[finite].min(), arr[finite].max()
+    np.testing.assert_allclose(scan.image[finite], (arr[finite] - lo) / (hi - lo), atol=1e-6)
+    assert (scan.image[0, :4] == 0).all() and (scan.image[1, :4] == 1).all()
+    assert (scan.image[2, :4] == 0).all()
+    tifffile.imwrite(tmp_path / "blank.tif", np.full((24, 40), np.nan, np.float32))
+    with pytest.raises(ScanReadError, match=r"blank.tif: no finite pixel value"):
+        read_scan(tmp_path / "blank.tif")
+
+
+@pytest.mark.parametrize(
+    "dtype, offset", [(np.int16, -20000), (np.int32, -30000), (np.uint32, 0), (np.int64, 7)]
+)
+def test_wide_or_signed_integer_tiffs_are_read_as_16_bit(tmp_path, dtype, offset):
+    """Counts of a 16-bit detector in another container: shifted to start at 0 (signed) and
+    narrowed to uint16 without loss."""
+    arr = _ramp(dtype=np.uint16).astype(np.int64) // 2 + offset
+    tifffile.imwrite(tmp_path / "scan.tif", arr.astype(dtype))
+    scan = read_scan(tmp_path / "scan.tif")
+    assert scan.pixels.dtype == np.uint16 and scan.bit_depth == 16
+    low = arr.min() if np.issubdtype(dtype, np.signedinteger) else 0
+    assert np.array_equal(scan.pixels, arr - low)
+
+
+def test_a_range_wider_than_16_bits_is_refused_not_wrapped(tmp_path):
+    arr = (_ramp(dtype=np.uint16).astype(np.uint32) * 3).astype(np.uint32)
+    tifffile.imwrite(tmp_path / "wide.tif", arr)
+    with pytest.raises(ScanReadError, match=r"wide.tif: uint32 pixel values span \d+ levels"):
+        read_scan(tmp_path / "wide.tif")
+    tifffile.imwrite(tmp_path / "signed.tif", arr.astype(np.int32) - 100000)
+    with pytest.raises(ScanReadError, match=r"signed.tif: int32 pixel values span"):
+        read_scan(tmp_path / "signed.tif")
+
+
 def test_multipage_tiff_needs_a_frame(tmp_path):
     pages = np.stack([_ramp(), _ramp()[::-1]])
     tifffile.imwrite(tmp_path / "stack.tif", pages)
