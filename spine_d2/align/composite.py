@@ -73,8 +73,8 @@ def composite(
     """
     if low_pixels.ndim != 2 or high_pixels.ndim != 2:
         raise ValueError("composite works on single-channel scans")
-    low = low_pixels.astype(np.float32)
-    high = high_pixels.astype(np.float32)
+    low = _finite(low_pixels.astype(np.float32))
+    high = _finite(high_pixels.astype(np.float32))
     acc_v = np.zeros_like(low)
     acc_w = np.zeros_like(low)
     half = feather_px / 2.0
@@ -145,7 +145,21 @@ def composite(
         info = np.iinfo(out.dtype)
         blended = np.clip(np.rint(blended), info.min, info.max)
     out[touched] = blended.astype(out.dtype)
+    if out.dtype.kind == "f":  # a float scan's NaN / inf pixels held no value: they stay so
+        held_none = ~np.isfinite(low_pixels)
+        out[held_none] = low_pixels[held_none]
     return out
+
+
+def _finite(img: np.ndarray) -> np.ndarray:
+    """``img`` with NaN / inf (float scans may hold them) replaced by the median of the rest,
+    so that gains, box filters and blends stay finite around them."""
+    bad = ~np.isfinite(img)
+    if not bad.any():
+        return img
+    img = img.copy()
+    img[bad] = float(np.median(img[~bad])) if (~bad).any() else 0.0
+    return img
 
 
 def _box(x: np.ndarray, r: int) -> np.ndarray:
@@ -185,15 +199,15 @@ def _wiener_weight(low: np.ndarray, matched: np.ndarray, sel: np.ndarray) -> flo
 
 
 def _to8(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return np.clip((img.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255).astype(
-        np.uint8
-    )
+    img = np.nan_to_num(img.astype(np.float32), nan=lo, posinf=hi, neginf=lo)  # float scans
+    return np.clip((img - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255).astype(np.uint8)
 
 
 def side_by_side(low_pixels: np.ndarray, enhanced: np.ndarray, outlines=()) -> np.ndarray:
     """8-bit [low-dose | enhanced] on one window (0.5-99.5 percentiles of the low-dose scan);
     ``outlines``: boolean full-size masks drawn in yellow on the enhanced half."""
-    lo, hi = np.percentile(low_pixels, [0.5, 99.5])
+    finite = low_pixels[np.isfinite(low_pixels)]  # a float scan may hold NaN (read_scan)
+    lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
     a, b = _to8(low_pixels, lo, hi), _to8(enhanced, lo, hi)
     left = cv2.cvtColor(a, cv2.COLOR_GRAY2BGR)
     right = cv2.cvtColor(b, cv2.COLOR_GRAY2BGR)

@@ -6,6 +6,7 @@ Vertebrae come from an export manifest line (``vertebrae_from_manifest``), from 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -167,20 +168,34 @@ def _record(va, vb, reg: Registration) -> dict:
     }
 
 
+def _write_atomic(path: str, data) -> None:
+    """``data`` (bytes or a uint8 array) to ``path`` through a temporary name: an interrupted run
+    never leaves half a file under the final name."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(bytes(data) if not isinstance(data, bytes) else data)
+    os.replace(tmp, path)
+
+
 def write_outputs(result: EnhanceResult, high, low, out_dir: str, *, side_by_side_png=True) -> dict:
-    """enhanced.<ext> (low-dose bit depth), transforms.json and optionally side_by_side.png."""
+    """enhanced.<ext> (low-dose bit depth), transforms.json and optionally side_by_side.png, each
+    written to a temporary name and renamed. TIFF for TIFF and DICOM scans and for any float scan
+    (PNG holds 8- and 16-bit integers only: OpenCV would cut a float scan to 8 bits); PNG else."""
     os.makedirs(out_dir, exist_ok=True)
-    ext = ".tif" if low.meta.get("format") in ("dicom", "tiff") else ".png"
-    enhanced_path = os.path.join(out_dir, "enhanced" + ext)
-    if ext == ".png":
-        ok, buf = cv2.imencode(".png", result.pixels)
-        if not ok:
-            raise SpineError(f"{enhanced_path}: cannot encode the enhanced scan")
-        buf.tofile(enhanced_path)
-    else:
+    tiff = low.meta.get("format") in ("dicom", "tif", "tiff") or result.pixels.dtype.kind == "f"
+    enhanced_path = os.path.join(out_dir, "enhanced" + (".tif" if tiff else ".png"))
+    if tiff:
         import tifffile
 
-        tifffile.imwrite(enhanced_path, result.pixels)
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, result.pixels)
+        data = buf.getvalue()
+    else:
+        ok, encoded = cv2.imencode(".png", result.pixels)
+        if not ok:
+            raise SpineError(f"{enhanced_path}: cannot encode the enhanced scan")
+        data = encoded.tobytes()
+    _write_atomic(enhanced_path, data)
     summary = {
         "low_dose": low.path,
         "high_dose": high.path,
@@ -191,9 +206,9 @@ def write_outputs(result: EnhanceResult, high, low, out_dir: str, *, side_by_sid
         "vertebrae": result.records,
         "seconds": round(result.seconds, 3),
     }
-    with open(os.path.join(out_dir, "transforms.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+    text = json.dumps(summary, indent=1)
+    _write_atomic(os.path.join(out_dir, "transforms.json"), text.encode("utf-8"))
     if side_by_side_png:
         png = side_by_side(low.pixels, result.pixels)
-        cv2.imencode(".png", png)[1].tofile(os.path.join(out_dir, "side_by_side.png"))
+        _write_atomic(os.path.join(out_dir, "side_by_side.png"), cv2.imencode(".png", png)[1])
     return summary

@@ -51,6 +51,30 @@ def test_single_pair_with_manifests(pair_files, tmp_path, capsys):
     assert (out / "side_by_side.png").is_file()
 
 
+@pytest.mark.parametrize("dtype, suffix", [(np.uint16, ".tif"), (np.float32, ".tif")])
+def test_tiff_scans_give_a_tiff_of_their_own_type(make_pair, tmp_path, dtype, suffix):
+    """A .tif low-dose scan gives enhanced.tif (a float one could not go to PNG: OpenCV cut it
+    to 8 bits); no temporary file is left behind."""
+    import tifffile
+
+    high, ma, low, mb, _ = make_pair(noise=0.03)
+    top = 65535.0
+    h, lo = tmp_path / f"c_high{suffix}", tmp_path / f"c_low{suffix}"
+    tifffile.imwrite(h, (high * top).astype(dtype))
+    tifffile.imwrite(lo, (low * top).astype(dtype))
+    man = _manifest(tmp_path / "manifest.jsonl", [(h, [ma]), (lo, [mb])])
+    out = tmp_path / "out"
+    assert _enhance_one(lo, h, out, man) == 0
+    enhanced = tifffile.imread(out / "enhanced.tif")
+    original = tifffile.imread(lo)
+    assert enhanced.dtype == dtype and enhanced.shape == original.shape
+    assert not np.array_equal(enhanced[mb], original[mb])
+    assert np.array_equal(enhanced[0], original[0])  # far from the vertebra: untouched
+    assert sorted(p.name for p in out.iterdir()) == [
+        "enhanced.tif", "side_by_side.png", "transforms.json"
+    ]  # fmt: skip
+
+
 def test_folder_mode_by_pattern(pair_files, tmp_path):
     h, lo, man = pair_files
     assert pairs_from_patterns(str(tmp_path), "*_low.png", "*_high.png") == [(str(h), str(lo))]

@@ -36,6 +36,35 @@ def test_unreliable_fit_is_not_composited(make_pair, to_scan):
     assert np.array_equal(res.pixels, ls.pixels)
 
 
+def test_float_scans_with_nan_stay_finite_around_it(make_pair):
+    """A float low-dose scan with a NaN band (a processed field's edge) through the vertebra:
+    the band stays NaN, every other pixel of the composite is finite and enhanced as with the
+    band filled in."""
+    from spine_d2.data.io import Scan
+
+    high, ma, low, mb, _ = make_pair(noise=0.04)
+    holed = low.copy()
+    band = np.zeros(low.shape, bool)
+    band[:, 70:74] = True
+    holed[band] = np.nan
+    holed[0, 0] = np.inf
+    va, vb = Vertebra.from_full_mask(ma, level="L1"), Vertebra.from_full_mask(mb, level="L1")
+
+    def scan(pixels):
+        return Scan(path="mem.tif", pixels=pixels, image=pixels, bit_depth=32, meta={})
+
+    res = enhance_pair(scan(high), scan(holed), [va], [vb], feather_px=3.0)
+    ref = enhance_pair(scan(high), scan(low), [va], [vb], feather_px=3.0)
+    assert res.pixels.dtype == np.float32
+    assert np.isnan(res.pixels[band]).all() and np.isinf(res.pixels[0, 0])
+    rest = ~band
+    rest[0, 0] = False
+    assert np.isfinite(res.pixels[rest]).all()
+    assert not np.array_equal(res.pixels[mb & rest], low[mb & rest])  # composited
+    away = rest & (cv2.dilate(band.astype(np.uint8), np.ones((15, 15), np.uint8)) == 0)
+    assert np.abs(res.pixels[away & mb] - ref.pixels[away & mb]).mean() < 0.01
+
+
 def test_composite_without_items_is_a_copy():
     low = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
     out = composite(low, low, [])
