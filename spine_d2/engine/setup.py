@@ -19,7 +19,7 @@ from ..modeling.levels import LevelPrior
 from ..modeling.rescorer import DetectionRescorer
 from ..modeling.soft_nms import SOFT_NMS_METHODS
 
-__all__ = ["build_config", "setup"]
+__all__ = ["build_config", "check_datasets_registered", "setup"]
 
 
 def _reason(e: Exception) -> str:
@@ -111,9 +111,28 @@ def build_config(config_file: str, opts=()):
     return cfg
 
 
+def check_datasets_registered(cfg, config_file: str, eval_only: bool = False) -> None:
+    """A one-line SpineError for the first dataset of DATASETS.TEST (and DATASETS.TRAIN when
+    training) that is not registered: detectron2's KeyError lists some 70 names, none of them a
+    hint that the built-in splits appear only once their make target has written them."""
+    from detectron2.data import DatasetCatalog
+
+    known = set(DatasetCatalog.list())
+    keys = ("DATASETS.TEST",) if eval_only else ("DATASETS.TRAIN", "DATASETS.TEST")
+    for key in keys:
+        for name in cfg.DATASETS.get(key.split(".")[1]):
+            if name not in known:
+                raise SpineError(
+                    f"{config_file}: {key} names '{name}', which is not registered here (built-in "
+                    "splits appear once their make target has written them: make data, make "
+                    "data-aasce, ...; register your own COCO files with SPINE.COCO_DATASETS)"
+                )
+
+
 def setup(args):
     """build_config plus detectron2's default_setup (output dir, logger, config dump, seed)."""
     cfg = build_config(args.config_file, args.opts)
+    check_datasets_registered(cfg, args.config_file, getattr(args, "eval_only", False))
     default_setup(cfg, args)
     # default_setup configures detectron2's and fvcore's loggers only: ours log into the same
     # console and OUTPUT_DIR/log.txt.

@@ -64,6 +64,28 @@ def test_bad_user_dataset_entry_and_channel_mismatch_are_clear_errors():
     ]
 
 
+def test_an_unregistered_dataset_is_named_before_anything_is_written(tmp_path):
+    from spine_d2.engine.train import main, train_args
+    from spine_d2.errors import SpineError
+
+    config = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
+    out = tmp_path / "run"
+    unknown = ["DATASETS.TRAIN", "('no_such_split',)", "DATASETS.TEST", "('no_such_split',)"]
+    for key, eval_only in (("DATASETS.TRAIN", False), ("DATASETS.TEST", True)):
+        args = train_args(config, [*unknown, "OUTPUT_DIR", str(out)], eval_only=eval_only)
+        with pytest.raises(SpineError, match=f"{key} names 'no_such_split', which is not regis"):
+            main(args)
+    assert not out.exists()
+    # evaluating needs only the test split: an unknown training split does not stop it early
+    from spine_d2.engine.setup import check_datasets_registered
+
+    known = "('coco_2017_val',)"  # registered by detectron2 (never read here)
+    cfg = build_config(config, ["DATASETS.TRAIN", "('no_such_split',)", "DATASETS.TEST", known])
+    check_datasets_registered(cfg, config, eval_only=True)
+    with pytest.raises(SpineError, match="DATASETS.TRAIN names 'no_such_split'"):
+        check_datasets_registered(cfg, config, eval_only=False)
+
+
 def test_missing_config_file_is_a_one_line_error(tmp_path):
     from spine_d2.errors import SpineError
 
