@@ -113,19 +113,24 @@ def build_config(config_file: str, opts=()):
 
 def check_datasets_registered(cfg, config_file: str, eval_only: bool = False) -> None:
     """A one-line SpineError for the first dataset of DATASETS.TEST (and DATASETS.TRAIN when
-    training) that is not registered: detectron2's KeyError lists some 70 names, none of them a
-    hint that the built-in splits appear only once their make target has written them."""
+    training) that is not registered, with the nearest registered name: detectron2's KeyError
+    lists some 70 names, most of them COCO's. (The built-in spine splits are always registered,
+    and say which make target writes them when they are not there yet.)"""
+    import difflib
+
     from detectron2.data import DatasetCatalog
 
-    known = set(DatasetCatalog.list())
+    known = DatasetCatalog.list()
     keys = ("DATASETS.TEST",) if eval_only else ("DATASETS.TRAIN", "DATASETS.TEST")
     for key in keys:
         for name in cfg.DATASETS.get(key.split(".")[1]):
             if name not in known:
+                near = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean '{near[0]}'? " if near else ""
                 raise SpineError(
-                    f"{config_file}: {key} names '{name}', which is not registered here (built-in "
-                    "splits appear once their make target has written them: make data, make "
-                    "data-aasce, ...; register your own COCO files with SPINE.COCO_DATASETS)"
+                    f"{config_file}: {key} names '{name}', which is not a registered dataset "
+                    f"({hint}register your own COCO files with SPINE.COCO_DATASETS "
+                    "[[name, json, image_root]])"
                 )
 
 

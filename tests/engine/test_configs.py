@@ -73,7 +73,7 @@ def test_an_unregistered_dataset_is_named_before_anything_is_written(tmp_path):
     unknown = ["DATASETS.TRAIN", "('no_such_split',)", "DATASETS.TEST", "('no_such_split',)"]
     for key, eval_only in (("DATASETS.TRAIN", False), ("DATASETS.TEST", True)):
         args = train_args(config, [*unknown, "OUTPUT_DIR", str(out)], eval_only=eval_only)
-        with pytest.raises(SpineError, match=f"{key} names 'no_such_split', which is not regis"):
+        with pytest.raises(SpineError, match=f"{key} names 'no_such_split', which is not a reg"):
             main(args)
     assert not out.exists()
     # evaluating needs only the test split: an unknown training split does not stop it early
@@ -84,6 +84,9 @@ def test_an_unregistered_dataset_is_named_before_anything_is_written(tmp_path):
     check_datasets_registered(cfg, config, eval_only=True)
     with pytest.raises(SpineError, match="DATASETS.TRAIN names 'no_such_split'"):
         check_datasets_registered(cfg, config, eval_only=False)
+    typo = build_config(config, ["DATASETS.TEST", "('coco_2017_vall',)"])
+    with pytest.raises(SpineError, match="did you mean 'coco_2017_val'"):
+        check_datasets_registered(typo, config, eval_only=True)
 
 
 def test_missing_config_file_is_a_one_line_error(tmp_path):
