@@ -891,7 +891,12 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
             raise DatasetError(out_dir, f"{key} must be at least {least}, not {n}")
     if not params.num_train + params.num_val + params.num_test:
         raise DatasetError(out_dir, "num_train, num_val and num_test are all 0: nothing to make")
+    if not 32 <= params.size <= 4096:  # below: no vertebra to see; above: far past the CT's detail
+        raise DatasetError(out_dir, f"size must be 32..4096 px, not {params.size}")
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    for folder in (out_dir, cache_dir):
+        if folder.exists() and not folder.is_dir():
+            raise DatasetError(folder, "exists and is not a folder")
     digest = params.digest()
     meta_file = out_dir / "meta.json"
     if meta_file.is_file():

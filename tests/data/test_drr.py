@@ -154,12 +154,24 @@ def test_more_training_views_extend_the_first_ones():
         ({"views_val": 0}, "views_val must be at least 1, not 0"),
         ({"num_test": -1}, "num_test must be at least 0, not -1"),
         ({"num_train": 0, "num_val": 0, "num_test": 0}, "all 0: nothing to make"),
+        ({"size": 3}, "size must be 32..4096 px, not 3"),
+        ({"size": 100000}, "size must be 32..4096 px, not 100000"),
     ],
 )
 def test_no_views_or_no_scans_at_all_is_a_one_line_error(tmp_path, change, message):
     with pytest.raises(DatasetError, match=message):
         D.generate_dataset(tmp_path / "out", replace(PARAMS, **change), progress=False)
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_an_output_or_cache_that_is_a_file_is_a_one_line_error(tmp_path):
+    taken = tmp_path / "scan.png"
+    taken.write_bytes(b"somebody's scan")
+    with pytest.raises(DatasetError, match="scan.png: exists and is not a folder"):
+        D.generate_dataset(taken, PARAMS, progress=False)
+    with pytest.raises(DatasetError, match="scan.png: exists and is not a folder"):
+        D.generate_dataset(tmp_path / "out", PARAMS, progress=False, cache_dir=taken)
+    assert taken.read_bytes() == b"somebody's scan" and not (tmp_path / "out").exists()
 
 
 def test_a_validation_only_set_of_more_views(phantom, tmp_path):
