@@ -55,3 +55,18 @@ def torch_load_reason(e: Exception) -> str:
         detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
         return f"torch.load with weights_only refused it: {' '.join(detail.split())}"
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_output_folder(path) -> None:
+    """A one-line SpineError when the folder ``path`` cannot be made because it, or the nearest
+    part of it that exists, is a file (os.makedirs would raise FileExistsError or
+    NotADirectoryError later, mid-run). Nothing is created here."""
+    from pathlib import Path
+
+    wanted = Path(path)
+    for part in (wanted, *wanted.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == wanted else f" (wanted as a folder for {wanted})"
+                raise SpineError(f"{part}: exists and is not a folder{where}")
+            return

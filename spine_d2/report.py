@@ -17,6 +17,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 from .data.io import read_scan
+from .errors import check_output_folder
 from .zoi.manifest import load_manifest
 
 __all__ = [
@@ -46,6 +47,7 @@ SUMMARY_KEYS = (
 
 def atomic_png(path: Path, img: np.ndarray) -> str:
     """Encode img as PNG under a temp name and rename: readers never see half a file."""
+    check_output_folder(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     ok, buf = cv2.imencode(".png", img)
     if not ok:

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data.io import file_sha256, read_scan
-from ..errors import SpineError
+from ..errors import SpineError, check_output_folder
 from ..zoi.manifest import load_manifest
 from .pipeline import enhance_pair, vertebrae_from_manifest, write_outputs
 
@@ -163,6 +163,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_output_folder(args.out)
         modes = [bool(args.low or args.high), bool(args.pairs), bool(args.input_dir)]
         if sum(modes) != 1:
             raise SpineError("give one of: --low and --high, --pairs, --input-dir")

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, check_output_folder
 from .datasets import polygon_area
 
 logger = logging.getLogger(__name__)
@@ -326,6 +326,7 @@ def convert_aasce(src, out, val_fraction=0.2, seed=0, limit=None, progress=False
     ``train.json``, ``val.json``, ``meta.json`` and ``images`` (a symlink to the source images:
     they are never copied or modified). Returns the meta dict."""
     src, out = Path(src), Path(out)
+    check_output_folder(out)
     img_dir, lab_dir = src / "data" / "training", src / "labels" / "training"
     if not img_dir.is_dir():
         raise DatasetError(img_dir, "not found (expected the AASCE folder with data/training)")

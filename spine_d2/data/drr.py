@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from ..config import VERTEBRA_LEVELS
-from ..errors import DatasetError
+from ..errors import DatasetError, check_output_folder
 from .dicom import write_dicom
 
 logger = logging.getLogger(__name__)
@@ -1008,6 +1008,7 @@ def contact_sheet(records: list, out_png, cols=4, tile=384, class_names=None) ->
         cv2.putText(sheet, Path(rec["file_name"]).name, (c * tile + 4, r * tile + 14),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)  # fmt: skip
     out_png = Path(out_png)
+    check_output_folder(out_png.parent)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     _write_png(out_png, sheet)
     return str(out_png)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..errors import DatasetError
+from ..errors import DatasetError, check_output_folder
 from .datasets import _polygon_problem, load_spine_coco, polygon_area
 
 logger = logging.getLogger(__name__)
@@ -225,6 +225,7 @@ def coco_to_labelme(coco_json, image_root, out_dir) -> int:
     labels or predictions in labelme. ``imagePath`` points at the image under ``image_root``;
     the level, when known, is appended to the label ("vertebral_body T4"). Returns files written."""
     coco_json, image_root, out_dir = Path(coco_json), Path(image_root), Path(out_dir)
+    check_output_folder(out_dir)
     if not coco_json.is_file():
         raise DatasetError(coco_json, "annotation file not found")
     try:

@@ -14,7 +14,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_spine_config
 from ..data.datasets import register_from_config
-from ..errors import SpineError
+from ..errors import SpineError, check_output_folder
 from ..modeling.levels import LevelPrior
 from ..modeling.rescorer import DetectionRescorer
 from ..modeling.soft_nms import SOFT_NMS_METHODS
@@ -138,6 +138,7 @@ def setup(args):
     """build_config plus detectron2's default_setup (output dir, logger, config dump, seed)."""
     cfg = build_config(args.config_file, args.opts)
     check_datasets_registered(cfg, args.config_file, getattr(args, "eval_only", False))
+    check_output_folder(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     # default_setup configures detectron2's and fvcore's loggers only: ours log into the same
     # console and OUTPUT_DIR/log.txt.

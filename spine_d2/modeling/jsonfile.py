@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import SpineError
+from ..errors import SpineError, check_output_folder
 
 __all__ = ["read_model_json", "write_model_json"]
 
@@ -32,6 +32,7 @@ def write_model_json(path, head: dict, key: str, body: str) -> None:
     entry per line so that a refit reads as a diff), written to a temporary name and renamed:
     a crash never leaves half a file."""
     path = Path(path)
+    check_output_folder(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     opening = json.dumps(head, indent=1)[:-2]  # without the closing "\n}"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.io import is_scan_file
-from ..errors import SpineError
+from ..errors import SpineError, check_output_folder
 
 __all__ = ["ScanItem", "discover_scans", "items_from_dataset", "shard", "check_output_dir"]
 
@@ -123,7 +123,9 @@ def shard(items: list, num_shards: int, shard_index: int) -> list:
 
 
 def check_output_dir(output_dir, roots) -> Path:
-    """Refuse an output folder inside (or equal to) an input folder: inputs are never written."""
+    """Refuse an output folder inside (or equal to) an input folder: inputs are never written;
+    and one that is a file."""
+    check_output_folder(output_dir)
     out = Path(output_dir).resolve()
     for root in roots:
         root = Path(root).resolve()
