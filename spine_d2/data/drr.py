@@ -894,9 +894,8 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
     if not 32 <= params.size <= 4096:  # below: no vertebra to see; above: far past the CT's detail
         raise DatasetError(out_dir, f"size must be 32..4096 px, not {params.size}")
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
-    for folder in (out_dir, cache_dir):
-        if folder.exists() and not folder.is_dir():
-            raise DatasetError(folder, "exists and is not a folder")
+    check_output_folder(out_dir)
+    check_output_folder(cache_dir)
     digest = params.digest()
     meta_file = out_dir / "meta.json"
     if meta_file.is_file():

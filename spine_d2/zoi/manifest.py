@@ -117,24 +117,26 @@ def check_manifest_line(line: dict) -> None:
 
 
 def load_manifest(path: str) -> dict:
-    """path -> last complete line for it. A torn line (killed process) is ignored; a file of
-    which no line reads, or a JSON line that is not a scan's, is a one-line SpineError: the
-    exporter would otherwise append to some other file, and enhance_scan match nothing."""
+    """path -> last complete line for it. A torn line (killed process; it starts as a JSON
+    object does) is ignored. A file of which no line reads and some line is not even the start
+    of one, or a JSON line that is not a scan's, is a one-line SpineError: the exporter would
+    otherwise append to some other file, and enhance_scan match nothing."""
     lines = {}
     if not os.path.isfile(path):
         return lines
-    torn = []
+    torn, foreign = [], 0
     with open(path, "rb") as f:  # bytes: a torn line may end inside a UTF-8 character
         for n, raw in enumerate(f, 1):
             try:
                 obj = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 torn.append(n)
+                foreign += not raw.lstrip().startswith(b"{")
                 continue
             if not isinstance(obj, dict) or not isinstance(obj.get("path"), str):
                 raise SpineError(f"{path}:{n}: not a ZOI manifest line (no 'path' of a scan)")
             lines[obj["path"]] = obj
-    if len(torn) > 1 and not lines:
+    if foreign and not lines:
         raise SpineError(f"{path}: not a ZOI manifest (none of its {len(torn)} lines is JSON)")
     for n in torn:
         logger.warning("%s:%d: incomplete line ignored (interrupted run)", path, n)

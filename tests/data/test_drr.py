@@ -165,11 +165,13 @@ def test_no_views_or_no_scans_at_all_is_a_one_line_error(tmp_path, change, messa
 
 
 def test_an_output_or_cache_that_is_a_file_is_a_one_line_error(tmp_path):
+    from spine_d2.errors import SpineError
+
     taken = tmp_path / "scan.png"
     taken.write_bytes(b"somebody's scan")
-    with pytest.raises(DatasetError, match="scan.png: exists and is not a folder"):
+    with pytest.raises(SpineError, match="scan.png: exists and is not a folder"):
         D.generate_dataset(taken, PARAMS, progress=False)
-    with pytest.raises(DatasetError, match="scan.png: exists and is not a folder"):
+    with pytest.raises(SpineError, match="scan.png: exists and is not a folder"):
         D.generate_dataset(tmp_path / "out", PARAMS, progress=False, cache_dir=taken)
     assert taken.read_bytes() == b"somebody's scan" and not (tmp_path / "out").exists()
 

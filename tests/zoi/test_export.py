@@ -315,6 +315,8 @@ def test_manifest_reading_skips_torn_lines_and_refuses_other_files(tmp_path):
     assert load_manifest(str(m)) == {"a/é.png": good}
     m.write_bytes(line[:10])  # killed during the first line: nothing done yet
     assert load_manifest(str(m)) == {}
+    m.write_bytes(line[:10] + b"\n" + line[:20])  # ... and again in the next run
+    assert load_manifest(str(m)) == {}
     m.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     with pytest.raises(SpineError, match=r"manifest.jsonl: not a ZOI manifest \(none of its"):
         load_manifest(str(m))
