@@ -62,6 +62,32 @@ def verify_weights(path) -> dict | None:
 class SpineCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer + sha256 check against a sidecar manifest + one-line errors."""
 
+    def resume_or_load(self, path, *, resume=True):
+        if resume and self.has_checkpoint():
+            last = self.get_checkpoint_file()
+            if "://" not in last and not os.path.isfile(last):
+                raise CheckpointError(
+                    last,
+                    f"named by {os.path.join(self.save_dir, 'last_checkpoint')} but not there: "
+                    "restore it, or delete last_checkpoint to start from MODEL.WEIGHTS",
+                )
+        return super().resume_or_load(path, resume=resume)
+
+    def load(self, path, *args, **kwargs):
+        """fvcore asserts (a traceback) on a missing file and raises whatever the download
+        does on a URL it cannot fetch: both are one line here."""
+        if path and "://" not in path and not os.path.isfile(path):
+            raise CheckpointError(path, "no such weights file (MODEL.WEIGHTS)")
+        if path and "://" in path:
+            try:
+                path = self.path_manager.get_local_path(path)
+            except (OSError, ValueError, RuntimeError) as e:
+                reason = " ".join(str(e).split()) or type(e).__name__
+                raise CheckpointError(
+                    path, f"cannot fetch it ({reason}); offline, name a local file instead"
+                ) from None
+        return super().load(path, *args, **kwargs)
+
     def _load_file(self, filename):
         if verify_weights(filename) is not None:  # fvcore has made ``filename`` local already
             self.logger.info(f"{filename}: sha256 matches its manifest")

@@ -306,3 +306,21 @@ def test_amp_scope_is_checked_in_fp32_too_and_features_needs_the_model():
         inference_autocast("cpu", "", "SPINE.EVAL.AMP", scope="heads")
     with pytest.raises(SpineError, match=r"ZOI\.AMP_SCOPE 'features' needs the model"):
         inference_autocast("cpu", "bf16", "ZOI.AMP", scope="features")
+
+
+def test_missing_weights_a_stale_last_checkpoint_and_an_unreachable_url_are_one_line(tmp_path):
+    """fvcore asserts on a missing file (a traceback) and raises whatever urllib does offline."""
+    model = nn.Linear(4, 3)
+    with pytest.raises(CheckpointError, match=r"nope\.pth: no such weights file \(MODEL.WEIGHTS\)"):
+        SpineCheckpointer(model).load(str(tmp_path / "nope.pth"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last_checkpoint").write_text("model_0000099.pth")  # deleted to free the disk
+    with pytest.raises(CheckpointError, match=r"model_0000099.pth: named by .*last_checkpoint"):
+        SpineCheckpointer(model, save_dir=str(run)).resume_or_load("", resume=True)
+    # without --resume the stale file does not matter: MODEL.WEIGHTS is loaded
+    path = tmp_path / "w.pth"
+    _save(path, nn.Linear(4, 3))
+    SpineCheckpointer(model, save_dir=str(run)).resume_or_load(str(path), resume=False)
+    with pytest.raises(CheckpointError, match=r"cannot fetch it \(.*\); offline, name a local"):
+        SpineCheckpointer(model).load("http://127.0.0.1:9/weights.pth")  # nothing listens
