@@ -41,14 +41,13 @@ def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
     """Per image: (boxes XYXY, image height, level log-probs, [(gt index, detection index)]
     matched at IoU 0.5, gt level names) for the detections the decoder sees: at or above
     ``score_thresh``, and those the chain rescue accepted (SPINE.LEVEL_HEAD.RESCUE)."""
-    from detectron2.checkpoint import DetectionCheckpointer
-
+    from spine_d2.checkpoint import SpineCheckpointer
     from spine_d2.engine.trainer import SpineTrainer
     from spine_d2.evaluation.vertebra import _greedy_match, _load_ground_truth, masks_to_rles
 
     model = SpineTrainer.build_model(cfg)
     model.eval()
-    DetectionCheckpointer(model).load(weights)
+    SpineCheckpointer(model).load(weights)
     gt = _load_ground_truth(dataset)
     loader = SpineTrainer.build_test_loader(cfg, dataset)
     items = []

@@ -90,9 +90,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="output/bench/bench_masks.json")
     args = ap.parse_args(argv)
 
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
 
+    from spine_d2.checkpoint import SpineCheckpointer
     from spine_d2.engine.setup import build_config
     from spine_d2.engine.trainer import SpineTrainer
 
@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
                  "make data generates spine_drr_*)")  # fmt: skip
     model = SpineTrainer.build_model(cfg)
     model.eval()
-    DetectionCheckpointer(model).load(args.weights)
+    SpineCheckpointer(model).load(args.weights)
     loader = SpineTrainer.build_test_loader(cfg, args.dataset)
     variants = [(flip, t) for flip in (False, True) for t in args.thresholds]
     scratch = tempfile.TemporaryDirectory(prefix="bench_masks_")

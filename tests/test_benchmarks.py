@@ -78,3 +78,21 @@ def test_bench_levels_refuses_a_decoder_it_cannot_replay():
         bench_levels.check_replayable(config, build_config(config).SPINE.LEVEL_HEAD)
     stage5 = "configs/aasce/spine_mask_rcnn_R_18_FPN_aasce_drr_stage5_cpu.yaml"
     bench_levels.check_replayable(stage5, build_config(stage5).SPINE.LEVEL_HEAD)  # no error
+
+
+def test_bench_levels_checks_the_weights_against_their_manifest(tmp_path):
+    """The benchmarks and the fitting tools load weights through SpineCheckpointer too: a file
+    that is not its manifest's is refused before anything is unpickled."""
+    import json
+
+    import torch
+
+    from spine_d2.engine.setup import build_config
+    from spine_d2.errors import CheckpointError
+
+    weights = tmp_path / "w.pth"
+    torch.save({"model": {}}, weights)
+    (tmp_path / "w.json").write_text(json.dumps({"sha256": "0" * 64}))
+    cfg = build_config("configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml")
+    with pytest.raises(CheckpointError, match=r"w.pth: sha256 .* does not match"):
+        bench_levels.collect(cfg, str(weights), "no_such_split", 0.5)

@@ -210,11 +210,11 @@ def main(argv=None) -> int:
     args.train_dataset = args.train_dataset or ["spine_drr_train"]
 
     import torch
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
     from detectron2.utils.logger import setup_logger
 
     import spine_d2.data  # noqa: F401  (registers the built-in datasets)
+    from spine_d2.checkpoint import SpineCheckpointer, verify_weights
     from spine_d2.engine.setup import build_config
     from spine_d2.engine.trainer import SpineTrainer
     from spine_d2.errors import SpineError
@@ -232,6 +232,7 @@ def main(argv=None) -> int:
         train_splits = [] if args.recut else [parse_split(spec) for spec in args.train_dataset]
         val_name, val_first, val_last = parse_split(args.val_dataset)
         fixed = DetectionRescorer.load(args.recut) if args.recut else None
+        verify_weights(args.weights)  # missing or not its manifest's file: one line, before hours
         for name in [n for n, _, _ in train_splits] + [val_name]:
             if name not in DatasetCatalog.list():
                 raise SpineError(f"{name}: not a registered dataset (make data generates it)")
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
             logger.info(f"Reusing the detections kept in {args.cache}")
             train, val = cached
         else:
-            DetectionCheckpointer(model).load(args.weights)
+            SpineCheckpointer(model).load(args.weights)
             train = []
             for name, first_view, last_view in train_splits:
                 ids = view_filter(name, first_view, last_view)

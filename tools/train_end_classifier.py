@@ -81,12 +81,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model
     from detectron2.utils.logger import setup_logger
     from tqdm import tqdm
 
+    from spine_d2.checkpoint import SpineCheckpointer
     from spine_d2.engine.setup import build_config
     from spine_d2.errors import SpineError
     from spine_d2.modeling.end_classifier import EndClassifier, train_end_classifier
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         resnets = {k: v for k, v in cfg.MODEL.RESNETS.items() if k != "OUT_FEATURES"}
         model = EndClassifier(resnets)
         detector = build_model(cfg)
-        DetectionCheckpointer(detector).load(args.init)
+        SpineCheckpointer(detector).load(args.init)
         model.body.load_state_dict(detector.backbone.bottom_up.state_dict())
         del detector
         model.to(cfg.MODEL.DEVICE)  # films stay on the CPU; each batch of crops moves
