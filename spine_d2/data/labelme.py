@@ -98,7 +98,10 @@ def load_mapping(path) -> LabelMapping:
 
 
 def _shape_polygon(shape: dict, where: str) -> np.ndarray:
-    pts = np.asarray(shape.get("points") or [], dtype=np.float64)
+    try:
+        pts = np.asarray(shape.get("points") or [], dtype=np.float64)
+    except (TypeError, ValueError):  # a coordinate that is not a number, or ragged pairs
+        pts = np.zeros((0,))
     if pts.ndim != 2 or pts.shape[1] != 2:
         raise DatasetError(where, f"shape '{shape.get('label')}' has malformed points")
     if shape.get("shape_type", "polygon") == "rectangle":

@@ -96,6 +96,8 @@ def test_mapping_file_levels_groups_rectangles_and_ignored_labels(tmp_path, imag
         ({"label": "body", "points": [[1, 1], [900, 1], [5, 9]]}, None, "leaves the 128x128"),
         ({"label": "body", "points": [[1, 1], [9, 1]]}, None, "has 2 points"),
         ({"label": "body", "points": [[1, 1], [9, 1], [5, 9]]}, (256, 128), "says 256x128"),
+        ({"label": "body", "points": [[1, 1], [9, "x"], [5, 9]]}, None, "malformed points"),
+        ({"label": "body", "points": [[1, 1], [9], [5, 9]]}, None, "malformed points"),
     ],
 )
 def test_bad_labelme_names_the_file_and_writes_nothing(tmp_path, image, shape, size, message):
