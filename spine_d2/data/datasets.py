@@ -124,6 +124,13 @@ def _annotation_problem(ann: dict, width: int, height: int, cat_ids) -> str | No
             or list(size) != [height, width]
         ):
             return f"RLE size {size} does not match the image ({height}x{width})"
+        counts = seg["counts"]
+        if isinstance(counts, list):  # uncompressed: run lengths that tile the image
+            runs_ok = all(isinstance(c, int) and c >= 0 for c in counts)
+            if not runs_ok or sum(counts) != height * width:
+                return f"RLE run lengths do not add up to the {height}x{width} image"
+        elif not isinstance(counts, (str, bytes)):
+            return "RLE counts must be a string (compressed) or a list of run lengths"
         return None
     if not isinstance(seg, list) or not seg:
         return "segmentation is empty"
@@ -168,6 +175,15 @@ def load_spine_coco(
         raise DatasetError(json_file, "not a COCO instances file (needs 'images' and 'categories')")
     if not coco["categories"]:
         raise DatasetError(json_file, "has no categories")
+    for key in ("images", "categories", "annotations"):
+        entries = coco.get(key, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise DatasetError(json_file, f"'{key}' must be a list of objects")
+    for c in coco["categories"]:
+        if not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
+            raise DatasetError(json_file, f"category {c} needs an integer 'id' and a 'name'")
+    if len({c["id"] for c in coco["categories"]}) != len(coco["categories"]):
+        raise DatasetError(json_file, "two categories share an id")
 
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     dropped_ids = set()

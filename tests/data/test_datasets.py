@@ -88,6 +88,10 @@ def _break(kind, coco):
         ann["category_id"] = 7
     elif kind == "unknown image":
         ann["image_id"] = 999
+    elif kind == "RLE counts not runs":
+        ann["segmentation"] = {"counts": 5, "size": [128, 128]}
+    elif kind == "RLE runs short":
+        ann["segmentation"] = {"counts": [100, 20], "size": [128, 128]}
     return c
 
 
@@ -102,6 +106,8 @@ CASES = {
     "empty box": "has no area",
     "unknown category": "unknown category_id 7",
     "unknown image": "unknown image id",
+    "RLE counts not runs": "RLE counts must be a string (compressed) or a list of run lengths",
+    "RLE runs short": "RLE run lengths do not add up to the 128x128 image",
 }
 
 
@@ -131,6 +137,22 @@ def test_skip_invalid_drops_only_bad_records(kind, coco, tmp_path, caplog):
         assert len(dicts) == len(raw["images"]) - 1
         assert n_anns == len(raw["annotations"]) - first
     assert "skipped invalid records: 1 x" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"categories": [{"id": 1}]}, "needs an integer 'id' and a 'name'"),
+        ({"categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}, "share an id"),
+        ({"images": {"id": 1}}, "'images' must be a list of objects"),
+        ({"annotations": ["T1"]}, "'annotations' must be a list of objects"),
+    ],
+)
+def test_malformed_top_level_lists_are_one_line(coco, tmp_path, change, message):
+    raw, image_root = coco
+    bad = _write(tmp_path, {**raw, **change})
+    with pytest.raises(DatasetError, match=message):
+        load_spine_coco(bad, image_root)
 
 
 def test_not_json_and_missing_file(tmp_path):
