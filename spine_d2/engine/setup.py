@@ -96,6 +96,13 @@ def build_config(config_file: str, opts=()):
                 f"and MODEL.MASK_ON True (got {cfg.MODEL.ROI_HEADS.NAME}, {cfg.MODEL.MASK_ON})"
             )
         DetectionRescorer.load(cfg.SPINE.RESCORER.FILE)  # a bad file fails here, not mid-run
+    zoi = cfg.ZOI  # caught here: PyTorch's DataLoader would raise them mid-export
+    if zoi.BATCH_SIZE < 1 or zoi.NUM_WORKERS < 0 or not 0.0 <= zoi.SCORE_THRESH <= 1.0:
+        raise SpineError(
+            f"{config_file}: ZOI.BATCH_SIZE must be >= 1, ZOI.NUM_WORKERS >= 0 and "
+            f"ZOI.SCORE_THRESH in [0, 1] (--batch-size, --workers, --min-score), got "
+            f"{zoi.BATCH_SIZE}, {zoi.NUM_WORKERS} and {zoi.SCORE_THRESH}"
+        )
     expected = list(cfg.ZOI.EXPECTED_LEVELS)
     if expected and not (
         len(expected) == 2

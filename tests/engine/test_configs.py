@@ -134,6 +134,17 @@ def test_bad_command_line_options_are_a_one_line_error(opts, reason):
     assert reason in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "key, value", [("ZOI.BATCH_SIZE", "0"), ("ZOI.NUM_WORKERS", "-1"), ("ZOI.SCORE_THRESH", "1.5")]
+)
+def test_bad_export_settings_are_one_line(key, value):
+    from spine_d2.errors import SpineError
+
+    config = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
+    with pytest.raises(SpineError, match="ZOI.BATCH_SIZE must be >= 1, ZOI.NUM_WORKERS >= 0"):
+        build_config(config, [key, value])
+
+
 def test_shipped_config_counts_detections_from_one_cut():
     # The levels, the evaluator and the export must count from the same score, or they see
     # different vertebrae. 0.2 is the val-chosen point of the rescorer the config names, whose
