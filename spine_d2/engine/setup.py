@@ -96,6 +96,20 @@ def build_config(config_file: str, opts=()):
                 f"and MODEL.MASK_ON True (got {cfg.MODEL.ROI_HEADS.NAME}, {cfg.MODEL.MASK_ON})"
             )
         DetectionRescorer.load(cfg.SPINE.RESCORER.FILE)  # a bad file fails here, not mid-run
+    solver = cfg.SOLVER  # detectron2 asserts, divides by zero or trains at size 0 otherwise
+    sizes = list(cfg.INPUT.MIN_SIZE_TRAIN)
+    if (
+        solver.IMS_PER_BATCH < 1
+        or solver.MAX_ITER < 1
+        or cfg.DATALOADER.NUM_WORKERS < 0
+        or not sizes
+        or min(sizes) <= 0
+    ):
+        raise SpineError(
+            f"{config_file}: SOLVER.IMS_PER_BATCH and SOLVER.MAX_ITER must be >= 1, "
+            "DATALOADER.NUM_WORKERS >= 0 and INPUT.MIN_SIZE_TRAIN > 0, got "
+            f"{solver.IMS_PER_BATCH}, {solver.MAX_ITER}, {cfg.DATALOADER.NUM_WORKERS}, {sizes}"
+        )
     zoi = cfg.ZOI  # caught here: PyTorch's DataLoader would raise them mid-export
     if zoi.BATCH_SIZE < 1 or zoi.NUM_WORKERS < 0 or not 0.0 <= zoi.SCORE_THRESH <= 1.0:
         raise SpineError(

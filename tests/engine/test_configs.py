@@ -145,6 +145,23 @@ def test_bad_export_settings_are_one_line(key, value):
         build_config(config, [key, value])
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("SOLVER.IMS_PER_BATCH", "0"),
+        ("SOLVER.MAX_ITER", "0"),
+        ("DATALOADER.NUM_WORKERS", "-1"),
+        ("INPUT.MIN_SIZE_TRAIN", "(0,)"),
+    ],
+)
+def test_bad_training_settings_are_one_line(key, value):
+    from spine_d2.errors import SpineError
+
+    config = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
+    with pytest.raises(SpineError, match="SOLVER.IMS_PER_BATCH and SOLVER.MAX_ITER must be >= 1"):
+        build_config(config, [key, value])
+
+
 def test_shipped_config_counts_detections_from_one_cut():
     # The levels, the evaluator and the export must count from the same score, or they see
     # different vertebrae. 0.2 is the val-chosen point of the rescorer the config names, whose
