@@ -4,8 +4,9 @@ Vertebrae come from export manifests (``--low-manifest/--high-manifest``, scans 
 content hash, so the manifest's relative paths need not match) or from running the model
 (``--config-file`` + ``MODEL.WEIGHTS``) through the same exporter as tools/export_zoi.py.
 
-Exit codes: 0 every pair enhanced, 3 some pairs failed (errors.jsonl, folder mode),
-2 usage errors (bad arguments, missing files, no vertebra, incompatible scans).
+Exit codes: 0 every pair enhanced, 3 some pairs failed (errors.jsonl, folder mode: a missing
+scan fails its pair only), 2 usage errors (bad arguments, a missing file of a single pair, no
+vertebra, incompatible scans).
 """
 
 from __future__ import annotations
@@ -185,8 +186,13 @@ def main(argv=None) -> int:
         elif args.low_manifest or args.high_manifest:
             raise SpineError("--low-manifest and --high-manifest go together")
         else:
-            _check_exists(*[p for pair in pairs for p in pair])
-            index_low = index_high = _detector(args, args.out, [p for pair in pairs for p in pair])
+            # a batch goes on past a missing scan (its pair is recorded in errors.jsonl); the
+            # single pair was checked above
+            scans = [p for pair in pairs for p in pair]
+            present = [p for p in scans if os.path.exists(p)]
+            if not present:
+                raise SpineError(f"{scans[0]}: no such file (nor any other scan of the pairs)")
+            index_low = index_high = _detector(args, args.out, present)
         if modes[0]:
             summary = _one(args.high, args.low, index_high, index_low, args.out, args)
             print(json.dumps({k: v for k, v in summary.items() if k != "vertebrae"}))

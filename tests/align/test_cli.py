@@ -165,3 +165,27 @@ def test_usage_errors(tmp_path, capsys):
     assert "one of" in _error_line(capsys)
     assert main(["--low", "a.png", "--high", "b.png", "--out", str(tmp_path)]) == 2
     assert "no such file" in _error_line(capsys)
+
+
+def test_a_missing_scan_fails_its_pair_only(tmp_path, capsys):
+    """Folder mode with the model (a random one here): the pair whose scan is gone is recorded
+    in errors.jsonl and the others are still run (exit 3, not a usage error)."""
+    rng = np.random.default_rng(0)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a_high.png", "a_low.png"):
+        cv2.imwrite(str(scans / name), (rng.random((96, 96)) * 255).astype(np.uint8))
+    pairs = {"pairs": [{"high_dose": "a_high.png", "low_dose": "a_low.png"},
+                       {"high_dose": "b_high.png", "low_dose": "b_low.png"}]}  # fmt: skip
+    (scans / "pairs.json").write_text(json.dumps(pairs))
+    out = tmp_path / "out"
+    config = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
+    rc = main(
+        ["--config-file", config, "--pairs", str(scans / "pairs.json"), "--image-root",
+         str(scans), "--out", str(out), "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
+    )  # fmt: skip
+    assert rc == 3
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    missing = [e for e in errors if e["low"].endswith("b_low.png")]
+    assert len(missing) == 1 and "b_high.png: no such file" in missing[0]["error"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairs"] == 2
