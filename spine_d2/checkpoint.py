@@ -17,7 +17,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .data.io import file_sha256
-from .errors import CheckpointError, torch_load_reason
+from .errors import CheckpointError, one_line, torch_load_reason
 
 __all__ = [
     "SpineCheckpointer",
@@ -82,7 +82,7 @@ class SpineCheckpointer(DetectionCheckpointer):
             try:
                 path = self.path_manager.get_local_path(path)
             except (OSError, ValueError, RuntimeError) as e:
-                reason = " ".join(str(e).split()) or type(e).__name__
+                reason = one_line(e)
                 raise CheckpointError(
                     path, f"cannot fetch it ({reason}); offline, name a local file instead"
                 ) from None

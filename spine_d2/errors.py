@@ -45,6 +45,13 @@ def run_cli(main, prog: str) -> None:
     sys.exit(status)
 
 
+def one_line(e: Exception) -> str:
+    """An exception's message on one line (a KeyError's without its quotes), for messages
+    that quote a library's reason."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(text).split()) or type(e).__name__
+
+
 def torch_load_reason(e: Exception) -> str:
     """Why ``torch.load(..., weights_only=True)`` failed, on one line. Its unpickling errors
     open with a paragraph on PyTorch 2.6's default that ends "Re-running with weights_only

@@ -168,12 +168,12 @@ def _record(va, vb, reg: Registration) -> dict:
     }
 
 
-def _write_atomic(path: str, data) -> None:
-    """``data`` (bytes or a uint8 array) to ``path`` through a temporary name: an interrupted run
-    never leaves half a file under the final name."""
+def _write_atomic(path: str, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary name: an interrupted run never leaves half a
+    file under the final name."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(bytes(data) if not isinstance(data, bytes) else data)
+        f.write(data)
     os.replace(tmp, path)
 
 
@@ -210,5 +210,6 @@ def write_outputs(result: EnhanceResult, high, low, out_dir: str, *, side_by_sid
     _write_atomic(os.path.join(out_dir, "transforms.json"), text.encode("utf-8"))
     if side_by_side_png:
         png = side_by_side(low.pixels, result.pixels)
-        _write_atomic(os.path.join(out_dir, "side_by_side.png"), cv2.imencode(".png", png)[1])
+        png_bytes = cv2.imencode(".png", png)[1].tobytes()
+        _write_atomic(os.path.join(out_dir, "side_by_side.png"), png_bytes)
     return summary

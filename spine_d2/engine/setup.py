@@ -14,18 +14,12 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_spine_config
 from ..data.datasets import register_from_config
-from ..errors import SpineError, check_output_folder
+from ..errors import SpineError, check_output_folder, one_line
 from ..modeling.levels import LevelPrior
 from ..modeling.rescorer import DetectionRescorer
 from ..modeling.soft_nms import SOFT_NMS_METHODS
 
 __all__ = ["build_config", "check_datasets_registered", "setup"]
-
-
-def _reason(e: Exception) -> str:
-    """An exception's message on one line (a KeyError's without its quotes)."""
-    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    return " ".join(str(text).split()) or type(e).__name__
 
 
 def build_config(config_file: str, opts=()):
@@ -43,11 +37,11 @@ def build_config(config_file: str, opts=()):
     try:
         cfg.merge_from_file(config_file)
     except (OSError, ValueError, KeyError, AssertionError, yaml.YAMLError) as e:
-        raise SpineError(f"{config_file}: not a usable config ({_reason(e)})") from None
+        raise SpineError(f"{config_file}: not a usable config ({one_line(e)})") from None
     try:
         cfg.merge_from_list(list(opts))
     except (ValueError, KeyError, AssertionError) as e:
-        raise SpineError(f"config options {' '.join(map(str, opts))}: {_reason(e)}") from None
+        raise SpineError(f"config options {' '.join(map(str, opts))}: {one_line(e)}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger(__name__).info("No CUDA device: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"

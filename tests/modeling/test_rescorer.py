@@ -369,3 +369,16 @@ def test_the_tool_keeps_the_scans_of_the_views_asked_for(synthetic_coco, tmp_pat
 
 def coco_annotations_of(coco: dict, image_id) -> list:
     return [a for a in coco["annotations"] if a["image_id"] == image_id and not a.get("iscrowd")]
+
+
+def test_fit_rescorer_tool_names_missing_weights_before_running(synthetic_train, tmp_path, capsys):
+    tool = Path(__file__).resolve().parents[2] / "tools" / "fit_rescorer.py"
+    spec = importlib.util.spec_from_file_location("fit_rescorer", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.collect = lambda *a, **k: pytest.fail("the model ran before the weights were checked")
+    args = ["--config-file", INSTANT, "--weights", str(tmp_path / "gone.pth"), "--val-dataset",
+            synthetic_train, "--train-dataset", synthetic_train, "--out", str(tmp_path / "r.json")]  # fmt: skip
+    assert module.main(args) == 1
+    assert "gone.pth: no such weights file" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "r.json").exists()
