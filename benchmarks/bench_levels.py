@@ -20,7 +20,6 @@ Prints one JSON line and saves it.
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import time
 from pathlib import Path
@@ -79,12 +78,12 @@ def collect(cfg, weights: str, dataset: str, score_thresh: float) -> list:
 def save_cache(path, source: tuple, items: list) -> None:
     """Pickle to a temporary name, then rename: an interrupted run never leaves half a cache.
     ``source``: (config file, weights, dataset), what decides which detections were kept."""
+    from spine_d2.atomic import atomic_open
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         pickle.dump({"source": list(source), "items": items}, f)
-    os.replace(tmp, path)
 
 
 def load_cache(path, source: tuple):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -35,13 +34,13 @@ def float_list(ok, requirement: str):
 def write_result(result: dict, out) -> str:
     """Print a benchmark's result as one JSON line and save it to ``out`` (temp + rename), the
     format main() below reads back."""
+    from spine_d2.atomic import write_atomic
+
     line = json.dumps(result)
     print(line)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(line + "\n")
-    os.replace(tmp, out)
+    write_atomic(out, line + "\n")
     return line
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .atomic import atomic_path, write_atomic
 from .data.io import file_sha256
 from .errors import CheckpointError, one_line, torch_load_reason
 
@@ -129,9 +130,8 @@ def package_weights(checkpoint, out_path, manifest_fields: dict) -> dict:
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in model.items()}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save({"model": half, "__author__": "spine-d2"}, tmp)
-    os.replace(tmp, out_path)
+    with atomic_path(out_path) as tmp:
+        torch.save({"model": half, "__author__": "spine-d2"}, tmp)
     manifest = {
         "file": out_path.name,
         "sha256": file_sha256(out_path),
@@ -140,8 +140,5 @@ def package_weights(checkpoint, out_path, manifest_fields: dict) -> dict:
         "parameters": int(sum(v.numel() for v in half.values())),
         **manifest_fields,
     }
-    side = out_path.with_suffix(".json")
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, side)
+    write_atomic(out_path.with_suffix(".json"), json.dumps(manifest, indent=1) + "\n")
     return manifest

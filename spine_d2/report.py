@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
+from .atomic import atomic_path, write_atomic
 from .data.io import read_scan
 from .errors import check_output_folder
 from .zoi.manifest import load_manifest
@@ -52,9 +53,7 @@ def atomic_png(path: Path, img: np.ndarray) -> str:
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise ValueError(f"{path}: cannot encode PNG")
-    tmp = path.with_name(path.name + ".tmp")
-    buf.tofile(str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, buf.tobytes())
     return str(path)
 
 
@@ -96,10 +95,11 @@ def loss_curves_png(metrics_rows: list, path: Path) -> str:
     ax.set_title("fine-tuning losses (detectron2 metrics.json)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return str(path)
 
 
@@ -298,14 +298,10 @@ def write_report(out_dir, *, summary: dict, eval_results: dict, figures: dict, n
     paths = {}
     for name, text in (("report.md", "\n".join(md)), ("report.html", "\n".join(doc))):
         p = out / name
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
+        write_atomic(p, text)
         paths[name] = str(p)
     p = out / "summary.json"
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    os.replace(tmp, p)
+    write_atomic(p, json.dumps(summary, indent=1))
     paths["summary.json"] = str(p)
     return paths
 

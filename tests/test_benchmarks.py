@@ -60,7 +60,7 @@ def test_level_cache_round_trips_and_refuses_other_weights_or_a_bad_file(tmp_pat
     source = ("c.yaml", "w.pth", "spine_aasce_val")
     assert bench_levels.load_cache(path, source) is None
     bench_levels.save_cache(path, source, items)
-    assert not path.with_name("levels.pkl.tmp").exists()
+    assert [p.name for p in path.parent.iterdir()] == ["levels.pkl"]  # no temporary file left
     got = bench_levels.load_cache(path, source)
     assert got[0][3] == [(0, 1)] and got[0][4] == ["T1", "T2"]
     with pytest.raises(SystemExit, match="with c.yaml / w.pth / spine_aasce_val, not c.yaml / v"):

@@ -144,10 +144,11 @@ def main(argv=None):
             cells = [f"{p[k]['diff']:+.3f} ({p[k]['low']:+.3f}, {p[k]['high']:+.3f})" for k in keys]
             print(f"| {p['run']} | " + " | ".join(cells) + " |")
     if args.json:  # to a temporary name, then renamed: an interrupted run leaves no half file
-        out = Path(args.json)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"runs": rows, "paired": paired} if paired else rows, indent=1))
-        tmp.replace(out)
+        from spine_d2.atomic import write_atomic
+
+        write_atomic(
+            args.json, json.dumps({"runs": rows, "paired": paired} if paired else rows, indent=1)
+        )
     return 0
 
 

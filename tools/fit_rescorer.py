@@ -131,13 +131,13 @@ def save_cache(path: str, key: dict, items) -> None:
     import os
     import pickle
 
+    from spine_d2.atomic import atomic_open
+
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         pickle.dump({"key": key, "items": items}, f)
-    os.replace(tmp, path)
 
 
 def fit_on(train, args):

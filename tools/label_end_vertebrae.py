@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -42,6 +41,7 @@ def main(argv=None) -> int:
 
     from detectron2.utils.logger import setup_logger
 
+    from spine_d2.atomic import write_atomic
     from spine_d2.data.pseudo import label_end_vertebrae
     from spine_d2.errors import DatasetError, SpineError
 
@@ -72,9 +72,7 @@ def main(argv=None) -> int:
             "counts": counts,
         }
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(labelled), encoding="utf-8")
-        os.replace(tmp, out)
+        write_atomic(out, json.dumps(labelled))
     except SpineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from ..atomic import write_atomic
 from ..errors import SpineError
 from .composite import composite, side_by_side
 from .match import Match, Vertebra, match_vertebrae
@@ -168,15 +169,6 @@ def _record(va, vb, reg: Registration) -> dict:
     }
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """``data`` to ``path`` through a temporary name: an interrupted run never leaves half a
-    file under the final name."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_outputs(result: EnhanceResult, high, low, out_dir: str, *, side_by_side_png=True) -> dict:
     """enhanced.<ext> (low-dose bit depth), transforms.json and optionally side_by_side.png, each
     written to a temporary name and renamed. TIFF for TIFF and DICOM scans and for any float scan
@@ -195,7 +187,7 @@ def write_outputs(result: EnhanceResult, high, low, out_dir: str, *, side_by_sid
         if not ok:
             raise SpineError(f"{enhanced_path}: cannot encode the enhanced scan")
         data = encoded.tobytes()
-    _write_atomic(enhanced_path, data)
+    write_atomic(enhanced_path, data)
     summary = {
         "low_dose": low.path,
         "high_dose": high.path,
@@ -207,9 +199,9 @@ def write_outputs(result: EnhanceResult, high, low, out_dir: str, *, side_by_sid
         "seconds": round(result.seconds, 3),
     }
     text = json.dumps(summary, indent=1)
-    _write_atomic(os.path.join(out_dir, "transforms.json"), text.encode("utf-8"))
+    write_atomic(os.path.join(out_dir, "transforms.json"), text.encode("utf-8"))
     if side_by_side_png:
         png = side_by_side(low.pixels, result.pixels)
         png_bytes = cv2.imencode(".png", png)[1].tobytes()
-        _write_atomic(os.path.join(out_dir, "side_by_side.png"), png_bytes)
+        write_atomic(os.path.join(out_dir, "side_by_side.png"), png_bytes)
     return summary

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_open
 from ..errors import DatasetError, check_output_folder
 from .datasets import polygon_area
 
@@ -315,10 +316,8 @@ def _annotation(ann_id, image_id, poly, level, width, height) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def convert_aasce(src, out, val_fraction=0.2, seed=0, limit=None, progress=False) -> dict:

@@ -6,10 +6,11 @@ attributes are written either.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from ..atomic import atomic_path
 
 __all__ = ["write_dicom"]
 
@@ -54,6 +55,5 @@ def write_dicom(
         setattr(ds, key, value)
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.dcm")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)

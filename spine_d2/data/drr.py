@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..atomic import atomic_path, write_atomic
 from ..config import VERTEBRA_LEVELS
 from ..errors import DatasetError, check_output_folder
 from .dicom import write_dicom
@@ -152,9 +153,8 @@ def _hash(obj) -> str:
 
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 # ------------------------------------------------------------------------------- volume
@@ -716,10 +716,9 @@ def categories(taxonomy: str) -> list:
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    if not cv2.imwrite(str(tmp), pixels):
-        raise DatasetError(path, "could not write image")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), pixels):
+            raise DatasetError(path, "could not write image")
 
 
 def _write_scan(out_dir: Path, name: str, pixels: np.ndarray, params, pixel_mm: float) -> None:
@@ -854,9 +853,7 @@ def pixels_digest(coco: dict, image_dir) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
 
 
 def default_output_dir(taxonomy="vertebra", preset="default") -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..atomic import atomic_path, write_atomic
 from ..errors import DatasetError, check_output_folder
 from .datasets import _polygon_problem, load_spine_coco, polygon_area
 
@@ -210,14 +211,9 @@ def labelme_to_coco(src, mapping: LabelMapping, out_json, image_root=None) -> di
         "categories": [{"id": i, "name": n, "supercategory": "spine"} for n, i in cat_ids.items()],
     }
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_json.with_name(out_json.name + ".tmp")
-    tmp.write_text(json.dumps(coco), encoding="utf-8")
-    try:
+    with atomic_path(out_json) as tmp:
+        tmp.write_text(json.dumps(coco), encoding="utf-8")
         load_spine_coco(tmp, image_root)  # the checks every registered dataset gets
-    except DatasetError:
-        tmp.unlink()
-        raise
-    os.replace(tmp, out_json)
     counts["images"] = len(images)
     logger.info("labelme -> %s: %s", out_json, dict(counts))
     return dict(counts)
@@ -276,8 +272,6 @@ def coco_to_labelme(coco_json, image_root, out_dir) -> int:
             "imageHeight": img["height"],
             "imageWidth": img["width"],
         }
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
-        os.replace(tmp, target)
+        write_atomic(target, json.dumps(doc, indent=1))
         written += 1
     return written

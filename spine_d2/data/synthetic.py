@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from ..atomic import atomic_path, write_atomic
 from ..config import VERTEBRA_LEVELS
+from ..errors import DatasetError
 
 __all__ = ["make_synthetic_spine_dataset", "registered_synthetic_dataset", "vertebra_polygon"]
 
@@ -80,7 +81,9 @@ def make_synthetic_spine_dataset(
         name = f"{split}_{i:03d}.png"
         scale = 65535 if bit_depth == 16 else 255
         dtype = np.uint16 if bit_depth == 16 else np.uint8
-        cv2.imwrite(str(root / "images" / name), np.round(img * scale).astype(dtype))
+        with atomic_path(root / "images" / name) as tmp:
+            if not cv2.imwrite(str(tmp), np.round(img * scale).astype(dtype)):
+                raise DatasetError(root / "images" / name, "OpenCV could not write the image")
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
         first = int(rng.integers(VERTEBRA_LEVELS.index("T1"), len(VERTEBRA_LEVELS) - n))
         for j, poly in enumerate(polys):
@@ -109,9 +112,7 @@ def make_synthetic_spine_dataset(
         "categories": [{"id": 1, "name": "vertebra", "supercategory": "spine"}],
     }
     json_file = root / f"{split}.json"
-    tmp = json_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(coco))
-    os.replace(tmp, json_file)
+    write_atomic(json_file, json.dumps(coco))
     return str(json_file), str(root / "images")
 
 

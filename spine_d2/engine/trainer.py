@@ -21,6 +21,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
+from ..atomic import atomic_open
 from ..checkpoint import SpineCheckpointer
 from ..data.mapper import XrayDatasetMapper
 from ..data.sampler import MixedDatasetSampler, dataset_mix
@@ -50,10 +51,8 @@ def _json_safe(obj):
 def write_eval_results(results: dict, path: str) -> None:
     """Write results as strict JSON atomically (temp name + rename)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         json.dump(_json_safe(results), f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
 
 
 class CPUAutocastTrainer(SimpleTrainer):

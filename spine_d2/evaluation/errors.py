@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
+from ..atomic import atomic_open
 from ..config import VERTEBRA_LEVELS
 from ..errors import SpineError
 from .vertebra import _annotation_rle
@@ -295,8 +295,7 @@ def write_errors_csv(payload: dict, path, levels=VERTEBRA_LEVELS) -> str:
     """One row per film, worst first; written to a temp name and renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
             [
@@ -325,7 +324,6 @@ def write_errors_csv(payload: dict, path, levels=VERTEBRA_LEVELS) -> str:
                     f"{film_shift(film, levels):+d}" if film["level_errors"] else "",
                 ]
             )
-    os.replace(tmp, path)
     return str(path)
 
 

@@ -29,6 +29,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
+from ..atomic import atomic_open
 from ..config import VERTEBRA_LEVELS
 from ..zoi.extract import chain_repeats, chain_suspected_missing
 from ..zoi.order import order_along_spine
@@ -423,10 +424,8 @@ class VertebraEvaluator(DatasetEvaluator):
             "intervals": intervals or {},
             "per_image": per_image,
         }
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:  # temp name + replace: readers never see a half-written file
+        with atomic_open(path) as f:  # readers never see a half-written file
             json.dump(payload, f, indent=1, default=str)
-        os.replace(tmp, path)
 
 
 SWEEP_KEYS = ("recall", "recall_whole", "recall_truncated", "precision", "f1")

@@ -21,7 +21,6 @@ the sha256 matches.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -33,6 +32,7 @@ from detectron2.structures import BoxMode
 from torch import nn
 from torchvision.ops import roi_align
 
+from ..atomic import atomic_path
 from ..data.io import file_sha256
 from ..errors import SpineError, torch_load_reason
 from .jsonfile import read_model_json, write_model_json
@@ -157,10 +157,9 @@ class EndClassifier(nn.Module):
         path = Path(path)
         weights = path.with_suffix(".pth")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = weights.with_name(weights.name + ".tmp")
         state = {k: v.detach().cpu().half() for k, v in self.state_dict().items()}
-        torch.save(state, tmp)
-        os.replace(tmp, weights)
+        with atomic_path(weights) as tmp:
+            torch.save(state, tmp)
         head = {
             "format": END_CLASSIFIER_FORMAT,
             "weights": weights.name,

@@ -4,9 +4,9 @@ rescorer): one-line errors naming the file, atomic writes, one entry per line fo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..atomic import write_atomic
 from ..errors import SpineError, check_output_folder
 
 __all__ = ["read_model_json", "write_model_json"]
@@ -34,7 +34,5 @@ def write_model_json(path, head: dict, key: str, body: str) -> None:
     path = Path(path)
     check_output_folder(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     opening = json.dumps(head, indent=1)[:-2]  # without the closing "\n}"
-    tmp.write_text(f"{opening},\n {json.dumps(key)}: {body}\n}}\n")
-    os.replace(tmp, path)
+    write_atomic(path, f"{opening},\n {json.dumps(key)}: {body}\n}}\n")

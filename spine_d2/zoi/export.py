@@ -31,6 +31,7 @@ from detectron2.modeling import build_model
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..atomic import atomic_open, write_atomic
 from ..checkpoint import SpineCheckpointer
 from ..data.augment import build_xray_augmentations
 from ..data.io import file_sha256, read_scan
@@ -358,9 +359,7 @@ class ZOIExporter:
         path = out / "overlays" / (os.path.splitext(item.rel)[0] + ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
         ok, buf = cv2.imencode(".png", vis.get_output().get_image()[:, :, ::-1])
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(buf.tobytes())
-        os.replace(tmp, path)
+        write_atomic(path, buf.tobytes())
 
     def _write_batch(self, out, batch, preds, manifest_f, errors_f, stats):
         preds = iter(preds)
@@ -454,8 +453,7 @@ class ZOIExporter:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "output_dir": str(out),
         }
-        with open(out / f"summary{suffix}.json", "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+        write_atomic(out / f"summary{suffix}.json", json.dumps(summary, indent=1))
         logger.info("ZOI export summary: %s", json.dumps(summary))
         return summary
 
@@ -493,9 +491,7 @@ def _merge_shards(out: str) -> None:
     """Concatenate the ranks' manifest and error files into manifest.jsonl / errors.jsonl."""
     for stem in ("manifest", "errors"):
         parts = sorted(Path(out).glob(f"{stem}-*-of-*.jsonl"))
-        tmp = Path(out, f"{stem}.jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(Path(out, f"{stem}.jsonl")) as f:
             for part in parts:
                 f.write(part.read_text(encoding="utf-8"))
-        os.replace(tmp, Path(out, f"{stem}.jsonl"))
     compact_manifest(os.path.join(out, "manifest.jsonl"))

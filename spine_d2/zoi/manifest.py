@@ -12,6 +12,7 @@ import json
 import logging
 import os
 
+from ..atomic import atomic_open
 from ..errors import SpineError
 
 __all__ = [
@@ -164,9 +165,7 @@ def open_for_append(path: str):
 def compact_manifest(path: str) -> int:
     """Rewrite with one line per path (the last), sorted by path; temp name + rename."""
     lines = load_manifest(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for key in sorted(lines):
             f.write(json.dumps(lines[key], separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
     return len(lines)

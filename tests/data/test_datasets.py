@@ -227,3 +227,15 @@ def test_categories_keep_only_the_named_classes(coco, tmp_path):
         MetadataCatalog.remove(name)
     with pytest.raises(DatasetError, match="has no category spinous"):
         load_spine_coco(json_file, image_root, categories=("spinous",))
+
+
+def test_synthetic_generator_names_an_image_opencv_did_not_write(tmp_path, monkeypatch):
+    # cv2.imwrite reports failure by returning False: the generator went on and wrote a COCO
+    # file naming images that were never written
+    from spine_d2.data import synthetic
+
+    monkeypatch.setattr(synthetic.cv2, "imwrite", lambda *a, **k: False)
+    with pytest.raises(DatasetError, match=r"train_000\.png: OpenCV could not write the image"):
+        synthetic.make_synthetic_spine_dataset(tmp_path, num_images=2)
+    assert not (tmp_path / "train.json").exists()
+    assert [p.name for p in (tmp_path / "images").iterdir()] == []

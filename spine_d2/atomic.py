@@ -1,0 +1,60 @@
+"""Writing a file so that its name only ever holds a whole file: write to a temporary name
+beside it, then rename over it (one filesystem operation). A run killed half way, or a
+writer that raises, leaves the previous file (or none) under the name, never half of one.
+
+The package's writers, tools and benchmarks go through here rather than each its own
+``path + ".tmp"``: a fixed temporary name is shared by two processes writing the same file (one
+renames the other's half-written bytes into place), and a writer that raised left it behind.
+(``tools/install_detectron2.py`` keeps its own ``.part`` names: it runs before this package can
+be imported.)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def temporary_name(path: PathLike) -> Path:
+    """A name beside ``path`` for its bytes in progress: hidden (a ``*.png`` glob of the folder
+    does not pick it up), unique to this process and call, and ending in ``path``'s own suffix
+    because OpenCV, Matplotlib, NumPy and pydicom choose the format from it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
+@contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary name to write ``path``'s content to; when the block ends it is renamed
+    to ``path``, and when the block raises (interrupts included) it is removed and ``path`` is
+    left as it was. For writers that take a file name (``torch.save``, ``cv2.imwrite``,
+    ``fig.savefig``)."""
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_open(path: PathLike, mode: str = "w", **kwargs):
+    """``open(path, mode)`` for writing through :func:`atomic_path`; text defaults to UTF-8."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes a whole file: mode 'w' or 'wb', not {mode!r}")
+    if mode == "w":
+        kwargs.setdefault("encoding", "utf-8")
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+
+
+def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:
+    """``data`` (bytes, or text written as UTF-8) to ``path`` through a temporary name."""
+    with atomic_open(path, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)

@@ -1,0 +1,78 @@
+"""spine_d2.atomic: a file's name holds the old file or the whole new one, never a part."""
+
+import cv2
+import numpy as np
+import pytest
+
+from spine_d2.atomic import atomic_open, atomic_path, temporary_name, write_atomic
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_write_atomic_replaces_the_file_and_leaves_nothing_else(tmp_path):
+    path = tmp_path / "summary.json"
+    write_atomic(path, "{}")
+    write_atomic(path, b'{"a": 1}')
+    assert path.read_bytes() == b'{"a": 1}'
+    write_atomic(path, "n\u00e4me")  # text is UTF-8 whatever the locale
+    assert path.read_bytes() == "n\u00e4me".encode("utf-8")
+    assert _names(tmp_path) == ["summary.json"]
+
+
+@pytest.mark.parametrize("error", [ValueError("encoder failed"), KeyboardInterrupt()])
+def test_a_writer_that_raises_keeps_the_old_file_and_removes_its_part(tmp_path, error):
+    path = tmp_path / "report.md"
+    path.write_text("old report")
+    with pytest.raises(type(error)):
+        with atomic_open(path) as f:
+            f.write("half a new rep")
+            raise error
+    assert path.read_text() == "old report"
+    assert _names(tmp_path) == ["report.md"]
+
+
+def test_a_writer_that_raises_before_writing_anything(tmp_path):
+    with pytest.raises(OSError):
+        with atomic_path(tmp_path / "w.pth"):
+            raise OSError("disk full")
+    assert _names(tmp_path) == []
+
+
+def test_two_writers_of_one_file_do_not_share_a_temporary_name(tmp_path):
+    # A fixed "<name>.tmp" let the second writer truncate the first one's bytes in progress
+    # and rename them into place; each writer now has its own, and the last to finish wins.
+    path = tmp_path / "manifest.jsonl"
+    with atomic_open(path) as first:
+        first.write("first writer's whole file\n")
+        with atomic_open(path) as second:
+            second.write("second\n")
+        assert path.read_text() == "second\n"
+    assert path.read_text() == "first writer's whole file\n"
+    assert _names(tmp_path) == ["manifest.jsonl"]
+
+
+def test_temporary_names_are_hidden_unique_and_keep_the_suffix(tmp_path):
+    a, b = temporary_name(tmp_path / "scan.png"), temporary_name(tmp_path / "scan.png")
+    assert a != b and a.parent == tmp_path
+    assert a.name.startswith(".scan.png.") and a.suffix == ".png"
+    assert not list(tmp_path.glob("*.png"))  # a glob of the outputs never sees one
+
+
+def test_writers_that_pick_the_format_from_the_name(tmp_path):
+    img = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    with atomic_path(tmp_path / "scan.png") as tmp:
+        assert cv2.imwrite(str(tmp), img)  # OpenCV needs the .png to choose PNG
+    back = cv2.imread(str(tmp_path / "scan.png"), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16 and np.array_equal(back, img)
+    with atomic_path(tmp_path / "arrays.npz") as tmp:
+        np.savez(tmp, x=img)  # NumPy appends .npz to a name without it
+    assert np.array_equal(np.load(tmp_path / "arrays.npz")["x"], img)
+    assert _names(tmp_path) == ["arrays.npz", "scan.png"]
+
+
+def test_atomic_open_writes_whole_files_only(tmp_path):
+    with pytest.raises(ValueError, match="mode 'w' or 'wb', not 'a'"):
+        with atomic_open(tmp_path / "log.jsonl", "a"):
+            pass
