@@ -101,10 +101,11 @@ def main(argv=None) -> int:
                 )
         films = _films(cfg, DatasetCatalog.get(args.dataset), args.dataset)
         resnets = {k: v for k, v in cfg.MODEL.RESNETS.items() if k != "OUT_FEATURES"}
-        model = EndClassifier(resnets)
         detector = build_model(cfg)
         SpineCheckpointer(detector).load(args.init)
-        model.body.load_state_dict(detector.backbone.bottom_up.state_dict())
+        model = EndClassifier.from_detector(
+            resnets, detector.backbone.bottom_up.state_dict(), args.seed
+        )
         del detector
         model.to(cfg.MODEL.DEVICE)  # films stay on the CPU; each batch of crops moves
         t0 = time.perf_counter()

@@ -150,6 +150,18 @@ class EndClassifier(nn.Module):
         part = logits[:, 4 * group : 4 * group + 4].float()
         return F.log_softmax(part, dim=1).cpu().numpy()
 
+    @classmethod
+    def from_detector(cls, resnets: dict, bottom_up: dict, seed: int, **kwargs) -> "EndClassifier":
+        """A classifier whose ResNet starts from a detector's ``backbone.bottom_up`` state dict
+        and whose new layer is drawn from ``seed``. Together with ``train_end_classifier``'s seed
+        a run is repeatable: built before that seed, the layer came from whatever state the
+        global RNG was in, and two runs of one seed trained different classifiers."""
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+            torch.manual_seed(seed)
+            model = cls(resnets, **kwargs)
+        model.body.load_state_dict(bottom_up)
+        return model
+
     # ------------------------------------------------------------------ files
     def save(self, path, source: dict) -> None:
         """``path`` (JSON) and its weights beside it (``<stem>.pth``), each written to a

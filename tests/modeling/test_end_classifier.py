@@ -147,6 +147,27 @@ def test_training_learns_what_tells_the_ends_apart():
         train_end_classifier(model, [(films[0][0], {})], epochs=1)
 
 
+def test_one_seed_trains_one_classifier_whatever_the_rng_held_before():
+    """Two runs of one seed start in different global RNG states (other processes, a detector
+    built first): the new layer and the training must both follow the seed alone."""
+    small = {"crop_size": (32, 32), "context_half": (1.0, 1.0)}
+    bottom_up = EndClassifier(R18, **small).body.state_dict()
+    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(5))
+    films = [(image, {"T1": np.array([16.0, 16.0, 40.0, 40.0]), "L5": np.array([8.0, 20, 30, 44])})]
+    runs = []
+    for state, seed in ((1, 0), (2, 0), (1, 1)):
+        torch.manual_seed(state)
+        model = EndClassifier.from_detector(R18, bottom_up, seed, **small)
+        assert torch.equal(model.body.stem.conv1.weight, bottom_up["stem.conv1.weight"])
+        first_fc = model.fc.weight.detach().clone()
+        train_end_classifier(model, films, epochs=1, batch_size=2, seed=seed)
+        runs.append((first_fc, model.state_dict()))
+    (fc_a, a), (fc_b, b), (fc_c, c) = runs
+    assert torch.equal(fc_a, fc_b) and not torch.equal(fc_a, fc_c)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["fc.weight"], c["fc.weight"])
+
+
 def _heads(*opts):
     from detectron2.modeling import build_model
 
