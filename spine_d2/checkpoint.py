@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .atomic import atomic_path, write_atomic
+from .atomic import atomic_open, write_atomic
 from .data.io import file_sha256
 from .errors import CheckpointError, one_line, torch_load_reason
 
@@ -130,8 +130,8 @@ def package_weights(checkpoint, out_path, manifest_fields: dict) -> dict:
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in model.items()}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_path) as tmp:
-        torch.save({"model": half, "__author__": "spine-d2"}, tmp)
+    with atomic_open(out_path, "wb") as f:  # to a file object: the zip's records are named
+        torch.save({"model": half, "__author__": "spine-d2"}, f)  # "archive", not the temp name
     manifest = {
         "file": out_path.name,
         "sha256": file_sha256(out_path),

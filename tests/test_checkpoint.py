@@ -75,6 +75,10 @@ def test_package_weights_halves_the_model_drops_the_rest_and_records_its_hash(tm
     assert saved["model"]["1.num_batches_tracked"].dtype == torch.int64  # not halved
     assert manifest["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert json.loads(out.with_suffix(".json").read_text())["iterations"] == 10
+    # one model, one file: torch.save names the zip's records after a path it is given, and the
+    # temporary names differ each time
+    again = package_weights(ckpt, tmp_path / "again" / "spine.pth", {"iterations": 10})
+    assert again["sha256"] == manifest["sha256"]
     fresh = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     SpineCheckpointer(fresh).load(str(out))
     torch.testing.assert_close(fresh[0].weight, model[0].weight, atol=1e-3, rtol=1e-3)

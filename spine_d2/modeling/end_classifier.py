@@ -32,7 +32,7 @@ from detectron2.structures import BoxMode
 from torch import nn
 from torchvision.ops import roi_align
 
-from ..atomic import atomic_path
+from ..atomic import atomic_open
 from ..data.io import file_sha256
 from ..errors import SpineError, torch_load_reason
 from .jsonfile import read_model_json, write_model_json
@@ -170,8 +170,8 @@ class EndClassifier(nn.Module):
         weights = path.with_suffix(".pth")
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().half() for k, v in self.state_dict().items()}
-        with atomic_path(weights) as tmp:
-            torch.save(state, tmp)
+        with atomic_open(weights, "wb") as f:  # a file object: the archive is named "archive",
+            torch.save(state, f)  # not after the temporary name, so one state gives one sha256
         head = {
             "format": END_CLASSIFIER_FORMAT,
             "weights": weights.name,

@@ -95,9 +95,12 @@ def test_files_round_trip_and_refuse_changed_weights(tmp_path):
     assert loaded.log_probs(image, box, 0)[0].argmax() == 0  # C7
     assert loaded.log_probs(image, box, 1)[0].argmax() == 3  # S1
     assert loaded.source == {"dataset": "test"}
-
     weights = tmp_path / "ends.pth"
-    blob = bytearray(weights.read_bytes())
+    first = weights.read_bytes()
+    model.save(tmp_path / "again" / "ends.json", {"dataset": "test"})
+    assert (tmp_path / "again" / "ends.pth").read_bytes() == first  # one state, one file
+
+    blob = bytearray(first)
     blob[-100] ^= 0xFF
     weights.write_bytes(bytes(blob))
     with pytest.raises(SpineError, match="sha256 does not match"):
