@@ -23,9 +23,14 @@ PathLike = Union[str, "os.PathLike[str]"]
 def temporary_name(path: PathLike) -> Path:
     """A name beside ``path`` for its bytes in progress: hidden (a ``*.png`` glob of the folder
     does not pick it up), unique to this process and call, and ending in ``path``'s own suffix
-    because OpenCV, Matplotlib, NumPy and pydicom choose the format from it."""
+    because OpenCV, Matplotlib, NumPy and pydicom choose the format from it. A long name is
+    cut to its first 100 bytes: file names end at 255 bytes, and a name that fits may not fit
+    with the ~25 characters added."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+    stem = path.name
+    if len(stem.encode()) > 200:
+        stem = stem.encode()[:100].decode(errors="ignore")
+    return path.with_name(f".{stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
 
 
 @contextmanager

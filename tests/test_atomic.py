@@ -60,6 +60,16 @@ def test_temporary_names_are_hidden_unique_and_keep_the_suffix(tmp_path):
     assert not list(tmp_path.glob("*.png"))  # a glob of the outputs never sees one
 
 
+def test_a_name_near_the_filesystem_limit(tmp_path):
+    path = tmp_path / ("1.2.840.10008." * 17 + "scan.png")  # 242 characters, as UIDs make them
+    write_atomic(path, b"png bytes")
+    assert path.read_bytes() == b"png bytes" and _names(tmp_path) == [path.name]
+    assert temporary_name(path).suffix == ".png"
+    wide = tmp_path / ("\u6905\u9aa8" * 40 + ".png")  # 244 bytes of UTF-8 in 84 characters
+    write_atomic(wide, b"x")
+    assert wide.read_bytes() == b"x"
+
+
 def test_writers_that_pick_the_format_from_the_name(tmp_path):
     img = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
     with atomic_path(tmp_path / "scan.png") as tmp:
