@@ -134,7 +134,15 @@ def labelme_to_coco(src, mapping: LabelMapping, out_json, image_root=None) -> di
     out_json = Path(out_json)
     if not src.is_dir():
         raise DatasetError(src, "not a folder")
-    files = sorted(p for p in src.rglob("*.json") if p.resolve() != out_json.resolve())
+    files = sorted(
+        p
+        for p in src.rglob("*.json")
+        # hidden files are not annotations: macOS's "._scan.json" resource forks on shared
+        # drives, editors' and our own temporary files, .git; the export's folder walk skips
+        # them alike
+        if not any(part.startswith(".") for part in p.relative_to(src).parts)
+        and p.resolve() != out_json.resolve()
+    )
     cat_ids = {name: i + 1 for i, name in enumerate(mapping.categories)}
     images, annotations = [], []
     counts: Counter = Counter()

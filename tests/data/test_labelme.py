@@ -89,6 +89,15 @@ def test_mapping_file_levels_groups_rectangles_and_ignored_labels(tmp_path, imag
     assert coco["annotations"][1]["area"] == 600.0
 
 
+def test_hidden_files_and_folders_are_not_read_as_annotations(tmp_path, image):
+    _labelme(tmp_path, [{"label": "body T4", "points": [[10, 10], [40, 10], [40, 30]]}], image)
+    (tmp_path / "._scan.json").write_bytes(b"\x00\x05\x16\x07Mac OS X")  # AppleDouble fork
+    (tmp_path / ".history").mkdir()
+    _labelme(tmp_path / ".history", [], "gone.png", name="scan.json")  # an editor's old copy
+    counts = labelme_to_coco(tmp_path, load_mapping(MAPPING), tmp_path / "coco.json")
+    assert counts["images"] == 1 and counts["annotations"] == 1
+
+
 @pytest.mark.parametrize(
     "shape,size,message",
     [
