@@ -34,13 +34,12 @@ def float_list(ok, requirement: str):
 def write_result(result: dict, out) -> str:
     """Print a benchmark's result as one JSON line and save it to ``out`` (temp + rename), the
     format main() below reads back."""
-    from spine_d2.atomic import write_atomic
+    from spine_d2.atomic import write_json
 
-    line = json.dumps(result)
-    print(line)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, line + "\n")
+    line = write_json(out, result, indent=None)  # strict JSON: a NaN figure reads null
+    print(line)
     return line
 
 
@@ -128,7 +127,9 @@ def main(folder="output/bench") -> int:
             v = f"{v:.3f}" if isinstance(v, float) else ("n/a" if v is None else v)
             rows.append(f"| {name} | {label} | {v} | `{cmd}` |")
     text = "# make bench\n\n" + "\n".join(rows) + "\n"
-    (folder / "README.md").write_text(text)
+    from spine_d2.atomic import write_atomic
+
+    write_atomic(folder / "README.md", text)
     print(text)
     return 0
 

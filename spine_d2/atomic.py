@@ -11,6 +11,8 @@ be imported.)
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 from contextlib import contextmanager
@@ -63,3 +65,25 @@ def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:
     """``data`` (bytes, or text written as UTF-8) to ``path`` through a temporary name."""
     with atomic_open(path, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def json_safe(obj):
+    """``obj`` with NaN / inf (COCO's APl with no large objects, a mean of no values) as None:
+    strict JSON has no NaN, and browsers, jq and most readers outside Python refuse it."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
+        return json_safe(obj.item())
+    return obj
+
+
+def write_json(path: PathLike, obj, indent=1) -> str:
+    """``obj`` as strict JSON (see :func:`json_safe`) to ``path`` through a temporary name;
+    returns the text written."""
+    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+    write_atomic(path, text + ("\n" if indent is None else ""))
+    return text

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-from .atomic import atomic_path, write_atomic
+from .atomic import atomic_path, write_atomic, write_json
 from .data.io import read_scan
 from .errors import check_output_folder
 from .zoi.manifest import load_manifest
@@ -301,7 +301,7 @@ def write_report(out_dir, *, summary: dict, eval_results: dict, figures: dict, n
         write_atomic(p, text)
         paths[name] = str(p)
     p = out / "summary.json"
-    write_atomic(p, json.dumps(summary, indent=1))
+    write_json(p, summary)  # strict JSON: a figure that could not be measured reads null
     paths["summary.json"] = str(p)
     return paths
 

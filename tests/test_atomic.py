@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from spine_d2.atomic import atomic_open, atomic_path, temporary_name, write_atomic
+from spine_d2.atomic import atomic_open, atomic_path, temporary_name, write_atomic, write_json
 
 
 def _names(folder):
@@ -86,3 +86,17 @@ def test_atomic_open_writes_whole_files_only(tmp_path):
     with pytest.raises(ValueError, match="mode 'w' or 'wb', not 'a'"):
         with atomic_open(tmp_path / "log.jsonl", "a"):
             pass
+
+
+def test_write_json_is_strict_json(tmp_path):
+    import json
+
+    path = tmp_path / "summary.json"
+    text = write_json(
+        path,
+        {"psnr_gain_db": float("nan"), "ap": [np.float32(61.5), float("inf")], "n": np.int64(3)},
+    )
+    assert json.loads(path.read_text()) == {"psnr_gain_db": None, "ap": [61.5, None], "n": 3}
+    assert "NaN" not in text and "Infinity" not in text
+    line = write_json(tmp_path / "bench.json", {"x": float("-inf")}, indent=None)
+    assert line == '{"x": null}' and (tmp_path / "bench.json").read_text() == line + "\n"

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 import weakref
@@ -21,7 +19,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
-from ..atomic import atomic_open
+from ..atomic import write_json
 from ..checkpoint import SpineCheckpointer
 from ..data.mapper import XrayDatasetMapper
 from ..data.sampler import MixedDatasetSampler, dataset_mix
@@ -35,24 +33,10 @@ __all__ = ["CPUAutocastTrainer", "SpineTrainer", "write_eval_results"]
 logger = logging.getLogger(__name__)
 
 
-def _json_safe(obj):
-    """NaN/inf (e.g. COCO's APl with no large objects) become null: strict JSON has no NaN."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return _json_safe(obj.item())
-    return obj
-
-
 def write_eval_results(results: dict, path: str) -> None:
-    """Write results as strict JSON atomically (temp name + rename)."""
+    """Write results as strict JSON (NaN as null) atomically (temp name + rename)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_open(path) as f:
-        json.dump(_json_safe(results), f, indent=2, allow_nan=False)
+    write_json(path, results, indent=2)
 
 
 class CPUAutocastTrainer(SimpleTrainer):

@@ -31,7 +31,7 @@ from detectron2.modeling import build_model
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..atomic import atomic_open, write_atomic
+from ..atomic import atomic_open, write_atomic, write_json
 from ..checkpoint import SpineCheckpointer
 from ..data.augment import build_xray_augmentations
 from ..data.io import file_sha256, read_scan
@@ -453,7 +453,7 @@ class ZOIExporter:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "output_dir": str(out),
         }
-        write_atomic(out / f"summary{suffix}.json", json.dumps(summary, indent=1))
+        write_json(out / f"summary{suffix}.json", summary)
         logger.info("ZOI export summary: %s", json.dumps(summary))
         return summary
 

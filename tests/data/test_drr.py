@@ -268,6 +268,27 @@ def test_coco_files_load_and_register(generated):
         assert (root / "images" / pairs[0][key]).is_file()
 
 
+def test_bench_align_runs_to_the_end_on_a_generated_dataset(generated, tmp_path):
+    """The alignment benchmark the way `make demo` runs it, as a script: status 0 and its JSON
+    (a finished run once exited 1, printing its result dict, and stopped the demo)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "align.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_align.py", "--root", str(generated / "a"),
+         "--manifest", str(tmp_path / "no_export.jsonl"), "--weights", "", "--tune", "1",
+         "--out", str(out), "--png", ""],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["bench"] == "align" and result["pairs_evaluated"] == 1
+    tre = result["per_dose"]["20-100%"]["tre_gt"]  # the one pair's dose; GT masks only
+    assert tre["n"] == 3 and tre["median"] < 1.0
+    assert "NaN" not in out.read_text()  # figures of an empty dose bin read null
+
+
 def test_dicom_output_holds_the_same_pixels_as_png(generated, phantom, tmp_path):
     from spine_d2.data.io import read_scan
 
