@@ -64,13 +64,22 @@ def _to8(img: np.ndarray) -> np.ndarray:
     )
 
 
-def read_metrics(path) -> list:
-    """Rows of detectron2's metrics.json (one JSON object per line)."""
+def read_metrics(path, latest=True) -> list:
+    """Rows of detectron2's metrics.json (one JSON object per line) as the latest run left them.
+    detectron2 appends to the file, so a run started again in the same folder (a second `make
+    demo`) or resumed from an earlier checkpoint writes iterations that are already there: the
+    rows it supersedes (from its first iteration on) are dropped, else the loss curves double
+    back on themselves. ``latest=False``: every row, as written."""
     rows = []
     for line in Path(path).read_text().splitlines():
         line = line.strip()
-        if line:
-            rows.append(json.loads(line))
+        if not line:
+            continue
+        row = json.loads(line)
+        it = row.get("iteration")
+        if latest and it is not None and rows and rows[-1].get("iteration", -1) >= it:
+            rows = [r for r in rows if r.get("iteration", -1) < it]
+        rows.append(row)
     return rows
 
 

@@ -79,6 +79,25 @@ def test_report_tables_and_summary_carry_the_run_figures(tmp_path):
     assert "3 suspected missed vertebrae" in lines[1] and "+7.2 dB" in lines[2]
 
 
+def test_metrics_of_a_run_started_again_or_resumed_in_the_same_folder(tmp_path):
+    path = tmp_path / "metrics.json"
+    first = [{"iteration": i, "total_loss": 2.0} for i in (19, 39, 59, 79)]
+    again = [{"iteration": i, "total_loss": 1.0} for i in (19, 39)]  # the demo run a second time
+    path.write_text("\n".join(json.dumps(r) for r in first + again) + "\n")
+    assert report.read_metrics(path) == again
+    assert report.read_metrics(path, latest=False) == first + again
+    # resumed from the checkpoint at 50 after a crash at 79: 59 and 79 are written again
+    resumed = [{"iteration": i, "total_loss": 0.5} for i in (59, 79, 99)]
+    path.write_text("\n".join(json.dumps(r) for r in first + resumed) + "\n")
+    assert [(r["iteration"], r["total_loss"]) for r in report.read_metrics(path)] == [
+        (19, 2.0),
+        (39, 2.0),
+        (59, 0.5),
+        (79, 0.5),
+        (99, 0.5),
+    ]
+
+
 def test_demo_refuses_a_missing_config(capsys):
     from spine_d2.demo import main
 

@@ -60,7 +60,7 @@ STAGE_FILES = ("config.yaml", "metrics.json", "log.txt")
 
 def _stage(train: Path) -> dict:
     """Iterations, wall time, last logged losses, config and eval curve of one training run."""
-    rows = read_metrics(train / "metrics.json")
+    rows = read_metrics(train / "metrics.json", latest=False)  # its evals pair with log.txt's
     curve = training_curve(rows)
     start, evals = _log_times(train / "log.txt")
     for point, t in zip(curve, evals):
