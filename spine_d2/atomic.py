@@ -15,6 +15,7 @@ import json
 import math
 import os
 import secrets
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
@@ -87,3 +88,51 @@ def write_json(path: PathLike, obj, indent=1) -> str:
     text = json.dumps(json_safe(obj), indent=indent, allow_nan=False)
     write_atomic(path, text + ("\n" if indent is None else ""))
     return text
+
+
+@contextmanager
+def single_writer(lock: PathLike, what: str):
+    """Hold an exclusive lock on the file ``lock`` while the block runs, so that a second
+    process about to write the same outputs (a job started twice, a retry while the first one
+    still runs) gets a one-line SpineError instead of interleaving its appends and renames
+    with the first one's. The kernel's ``flock`` is released when the holder ends, killed
+    included, so no stale lock outlives a crash; the file itself names the holder (pid and
+    host) for the message and is removed on release. Where ``fcntl`` is missing (Windows) the
+    block runs unguarded."""
+    from .errors import SpineError
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    lock = Path(lock)
+    while True:
+        f = open(lock, "a+", encoding="utf-8")  # "a+": never truncates what the holder wrote
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = " ".join(f.read().split()[:2])
+            f.close()
+            who = f"pid {holder.replace(' ', ' on ')}" if holder else "a process"
+            raise SpineError(
+                f"{lock.parent}: another {what} is writing here ({who}; {lock.name}): "
+                "wait for it to end"
+            ) from None
+        try:  # the holder before us may have removed the file between our open and our lock
+            same = os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still holding it: see the inode check above
+        f.close()

@@ -100,3 +100,47 @@ def test_write_json_is_strict_json(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     line = write_json(tmp_path / "bench.json", {"x": float("-inf")}, indent=None)
     assert line == '{"x": null}' and (tmp_path / "bench.json").read_text() == line + "\n"
+
+
+def test_single_writer_refuses_a_second_writer_until_the_first_ends(tmp_path):
+    from spine_d2.atomic import single_writer
+    from spine_d2.errors import SpineError
+
+    lock = tmp_path / ".export.lock"
+    with single_writer(lock, "ZOI export"):
+        with pytest.raises(SpineError, match=r"another ZOI export is writing here \(pid \d+ on "):
+            with single_writer(lock, "ZOI export"):
+                pass
+    assert _names(tmp_path) == []  # released and removed
+    with single_writer(lock, "ZOI export"):  # free again
+        pass
+
+
+def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from spine_d2.atomic import single_writer
+    from spine_d2.errors import SpineError
+
+    lock = tmp_path / ".export.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom spine_d2.atomic import single_writer\n"
+         f"with single_writer({str(lock)!r}, 'ZOI export'):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SpineError, match=f"pid {holder.pid} on "):
+            with single_writer(lock, "ZOI export"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert lock.exists()  # killed: it could not remove the file, but the kernel freed the lock
+    with single_writer(lock, "ZOI export"):
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert not lock.exists()

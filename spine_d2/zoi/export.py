@@ -31,7 +31,7 @@ from detectron2.modeling import build_model
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..atomic import atomic_open, write_atomic, write_json
+from ..atomic import atomic_open, single_writer, write_atomic, write_json
 from ..checkpoint import SpineCheckpointer
 from ..data.augment import build_xray_augmentations
 from ..data.io import file_sha256, read_scan
@@ -389,6 +389,12 @@ class ZOIExporter:
         """
         out = check_output_dir(output_dir, roots)
         out.mkdir(parents=True, exist_ok=True)
+        # one export at a time per manifest: two would append to one manifest, truncate each
+        # other's errors file and swap the same ZOI folders
+        with single_writer(out / f".export{suffix}.lock", "ZOI export"):
+            return self._export(items, out, suffix, progress)
+
+    def _export(self, items, out: Path, suffix: str, progress: bool) -> dict:
         manifest_path = out / f"manifest{suffix}.jsonl"
         done = {
             p: (line["sha256"], line["model"]["hash"])

@@ -338,3 +338,26 @@ def test_cli_refuses_an_output_folder_whose_manifest_is_another_file(
     assert err[-1].endswith("manifest.jsonl: not a ZOI manifest (none of its 7 lines is JSON)")
     assert (out / "manifest.jsonl").read_bytes() == picture  # never touched
     assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]
+
+
+def test_a_second_export_into_a_folder_being_written_is_refused(
+    export_cli, scan_folder, tmp_path, capsys
+):
+    from spine_d2.atomic import single_writer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with single_writer(out / ".export.lock", "ZOI export"):  # a first export, still running
+        rc = export_cli("--input", str(scan_folder), "--output", str(out), "--workers", "1")
+        assert rc == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"export_zoi: error: {out}: another ZOI export is writing here "
+            f"(pid {os.getpid()} on {os.uname().nodename}; .export.lock): wait for it to end"
+        )
+        assert sorted(p.name for p in out.iterdir()) == [".export.lock"]
+        # another shard has its own manifest, so its own lock
+        shard_args = ("--num-shards", "2", "--shard-index", "1", "--workers", "1")
+        assert export_cli("--input", str(scan_folder), "--output", str(out), *shard_args) == 0
+    assert export_cli("--input", str(scan_folder), "--output", str(out), "--workers", "1") == 0
+    assert len(_lines(out / "manifest.jsonl")) == 4
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # the locks are gone
