@@ -12,6 +12,7 @@ be imported.)
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -120,6 +121,14 @@ def single_writer(lock: PathLike, what: str):
                 f"{lock.parent}: another {what} is writing here ({who}; {lock.name}): "
                 "wait for it to end"
             ) from None
+        except OSError as e:  # a filesystem without locks (some NFS mounts)
+            f.close()
+            lock.unlink(missing_ok=True)
+            logging.getLogger(__name__).warning(
+                "%s: cannot lock (%s): nothing stops a second %s writing here", lock, e, what
+            )
+            f = None
+            break
         try:  # the holder before us may have removed the file between our open and our lock
             same = os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino
         except FileNotFoundError:
@@ -127,6 +136,9 @@ def single_writer(lock: PathLike, what: str):
         if same:
             break
         f.close()
+    if f is None:
+        yield
+        return
     try:
         f.seek(0)
         f.truncate()

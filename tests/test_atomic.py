@@ -144,3 +144,21 @@ def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
     with single_writer(lock, "ZOI export"):
         assert lock.read_text().split()[0] == str(os.getpid())
     assert not lock.exists()
+
+
+def test_a_filesystem_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from spine_d2.atomic import single_writer
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with caplog.at_level("WARNING"):
+        with single_writer(tmp_path / ".export.lock", "ZOI export"):
+            ran.append(True)
+    assert ran and _names(tmp_path) == []
+    assert "cannot lock" in caplog.text and "nothing stops a second ZOI export" in caplog.text
