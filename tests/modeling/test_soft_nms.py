@@ -160,3 +160,24 @@ def test_mask_rescore_keeps_the_same_detections_over_the_cut(synthetic_train):
     assert torch.equal(plain.pred_levels, rescored.pred_levels)
     assert (rescored.scores <= plain.scores + 1e-6).all()
     assert (rescored.scores < plain.scores - 1e-4).any()  # the ranking input did change
+
+
+def test_given_boxes_without_scores_get_masks_under_mask_rescore():
+    """detectron2's forward_with_given_boxes asks for pred_boxes and pred_classes only (as
+    bench_masks' mirrored pass gives them): with SPINE.MASK_RESCORE the heads failed on the
+    missing scores; given scores are still rescored."""
+    _, model = _heads_with("SPINE.MASK_RESCORE", "True")
+    model.eval()
+    features = {
+        f: torch.randn(1, s.channels, 64 // s.stride, 64 // s.stride)
+        for f, s in model.backbone.output_shape().items()
+    }
+    boxes = Boxes(torch.tensor([[8.0, 8.0, 30.0, 20.0], [10.0, 30.0, 34.0, 44.0]]))
+    bare = Instances((64, 64), pred_boxes=boxes, pred_classes=torch.zeros(2, dtype=torch.long))
+    with torch.no_grad():
+        [out] = model.roi_heads.forward_with_given_boxes(features, [bare])
+        assert out.pred_masks.shape[0] == 2 and not out.has("scores")
+        scored = Instances((64, 64), pred_boxes=boxes, pred_classes=torch.zeros(2).long(),
+                           scores=torch.tensor([0.95, 0.9]))  # fmt: skip
+        [out] = model.roi_heads.forward_with_given_boxes(features, [scored])
+    assert (out.scores < torch.tensor([0.95, 0.9])).all()  # a random mask head: maskness < 1
