@@ -80,7 +80,6 @@ def main(argv=None) -> int:
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     args = ap.parse_args(argv)
 
-    import torch
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model
     from detectron2.utils.logger import setup_logger
