@@ -74,3 +74,25 @@ def test_unknown_optimizer_is_refused(synthetic_train, train_args, tmp_path):
     cfg = setup(train_args(tmp_path / "bad", "SPINE.OPTIMIZER", "LION"))
     with pytest.raises(ValueError, match="SPINE.OPTIMIZER must be SGD or ADAMW"):
         SpineTrainer(cfg)
+
+
+def test_the_seed_a_run_logs_repeats_it(synthetic_train, train_args, tmp_path):
+    """detectron2 draws a seed per run (SEED -1) and logs it; SEED <that seed> trains the same
+    weights again, tensor for tensor (bf16 autocast and AdamW as the CPU recipe trains)."""
+    import re
+
+    import torch
+
+    opts = ("SOLVER.MAX_ITER", "6", "TEST.EVAL_PERIOD", "0", "SOLVER.AMP.ENABLED", "True",
+            "SPINE.OPTIMIZER", "ADAMW", "SOLVER.BASE_LR", "0.0002")  # fmt: skip
+    main(train_args(tmp_path / "a", *opts))
+    seed = re.search(
+        r"Using a generated random seed (\d+)", (tmp_path / "a" / "log.txt").read_text()
+    )
+    main(train_args(tmp_path / "b", *opts, "SEED", seed.group(1)))
+    main(train_args(tmp_path / "c", *opts, "SEED", str(int(seed.group(1)) + 1)))
+    a, b, c = (
+        torch.load(tmp_path / run / "model_final.pth", weights_only=False)["model"] for run in "abc"
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
