@@ -12,6 +12,7 @@ vertebra, incompatible scans).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..atomic import single_writer
 from ..data.io import file_sha256, read_scan
 from ..errors import SpineError, check_output_folder
 from ..zoi.manifest import load_manifest
@@ -131,10 +133,6 @@ def _detector(args, out: str, scans: list):
     from ..zoi.export import ZOIExporter
     from ..zoi.sources import discover_scans
 
-    if not args.config_file:
-        raise SpineError(
-            "--config-file is needed unless --low-manifest and --high-manifest are given"
-        )
     try:
         cfg = build_config(args.config_file, list(args.opts))
     except (KeyError, ValueError, AssertionError, OSError) as e:
@@ -163,6 +161,11 @@ def _one(high_path, low_path, index_high, index_low, out_dir, args) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with contextlib.ExitStack() as held:
+        return _run(args, held)
+
+
+def _run(args, held: contextlib.ExitStack) -> int:
     try:
         check_output_folder(args.out)
         modes = [bool(args.low or args.high), bool(args.pairs), bool(args.input_dir)]
@@ -179,12 +182,20 @@ def main(argv=None) -> int:
         else:
             pairs = pairs_from_patterns(args.input_dir, args.low_pattern, args.high_pattern)
         _check_exists(args.low_manifest, args.high_manifest)
-        if args.low_manifest and args.high_manifest:
+        if bool(args.low_manifest) != bool(args.high_manifest):
+            raise SpineError("--low-manifest and --high-manifest go together")
+        if not args.low_manifest and not args.config_file:
+            raise SpineError(
+                "--config-file is needed unless --low-manifest and --high-manifest are given"
+            )
+        # one run at a time per output folder: two would write the same pairs' files and
+        # truncate each other's errors.jsonl
+        os.makedirs(args.out, exist_ok=True)
+        held.enter_context(single_writer(Path(args.out, ".enhance.lock"), "enhance_scan run"))
+        if args.low_manifest:
             index_low, index_high = _ManifestIndex(args.low_manifest), _ManifestIndex(
                 args.high_manifest
             )
-        elif args.low_manifest or args.high_manifest:
-            raise SpineError("--low-manifest and --high-manifest go together")
         else:
             # a batch goes on past a missing scan (its pair is recorded in errors.jsonl); the
             # single pair was checked above

@@ -97,6 +97,24 @@ def test_folder_mode_by_pattern(pair_files, tmp_path):
     assert rc == 0 and (tmp_path / "o" / "case1_low" / "enhanced.png").is_file()
 
 
+def test_a_second_run_into_a_folder_being_written_is_refused(pair_files, tmp_path, capsys):
+    from spine_d2.atomic import single_writer
+
+    h, lo, man = pair_files
+    out = tmp_path / "o"
+    args = ["--input-dir", str(tmp_path), "--low-pattern", "*_low.png", "--high-pattern",
+            "*_high.png", "--out", str(out), "--low-manifest", str(man), "--high-manifest",
+            str(man)]  # fmt: skip
+    out.mkdir()
+    with single_writer(out / ".enhance.lock", "enhance_scan run"):  # a first run, still going
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"enhance_scan: error: {out}: another enhance_scan run is writing")
+        assert sorted(p.name for p in out.iterdir()) == [".enhance.lock"]
+    assert main(args) == 0 and (out / "case1_low" / "enhanced.png").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["case1_low", "errors.jsonl"]
+
+
 def test_pairs_file_of_the_builtin_format(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "pairs.json").write_text(
