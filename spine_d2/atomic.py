@@ -1,6 +1,8 @@
-"""Writing a file so that its name only ever holds a whole file: write to a temporary name
-beside it, then rename over it (one filesystem operation). A run killed half way, or a
-writer that raises, leaves the previous file (or none) under the name, never half of one.
+"""Writing outputs safely. A file's name only ever holds a whole file: it is written to a
+temporary name beside it, then renamed over it (one filesystem operation), so a run killed half
+way, or a writer that raises, leaves the previous file (or none) under the name, never half of
+one. JSON is written strict (NaN as null). A folder that a batch tool fills has one writer at a
+time (``single_writer``).
 
 The package's writers, tools and benchmarks go through here rather than each its own
 ``path + ".tmp"``: a fixed temporary name is shared by two processes writing the same file (one
