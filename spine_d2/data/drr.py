@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..atomic import atomic_path, write_atomic
+from ..atomic import atomic_path, single_writer, write_atomic
 from ..config import VERTEBRA_LEVELS
 from ..errors import DatasetError, check_output_folder
 from .dicom import write_dicom
@@ -872,8 +872,6 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
     Base renders are cached in ``cache_dir`` (default ``out_dir/cache``) across parameter sets.
     ``ct`` replaces the shipped CT (tests use a small phantom).
     """
-    import time
-
     out_dir = Path(out_dir)
     if params.image_format not in ("png", "dicom") or params.bit_depth not in (8, 16):
         raise DatasetError(
@@ -893,6 +891,16 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     check_output_folder(out_dir)
     check_output_folder(cache_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # one generator per folder: a second one (make data in two terminals) would delete the
+    # first one's staging folder under it
+    with single_writer(out_dir / ".generate.lock", "DRR dataset generation"):
+        return _generate(out_dir, params, progress, cache_dir, ct)
+
+
+def _generate(out_dir: Path, params: DrrParams, progress, cache_dir: Path, ct) -> dict:
+    import time
+
     digest = params.digest()
     meta_file = out_dir / "meta.json"
     if meta_file.is_file():

@@ -268,6 +268,18 @@ def test_coco_files_load_and_register(generated):
         assert (root / "images" / pairs[0][key]).is_file()
 
 
+def test_a_second_generator_into_the_same_folder_is_refused(phantom, tmp_path):
+    from spine_d2.atomic import single_writer
+    from spine_d2.errors import SpineError
+
+    out = tmp_path / "gen"
+    out.mkdir()
+    with single_writer(out / ".generate.lock", "DRR dataset generation"):  # a first one, running
+        with pytest.raises(SpineError, match="another DRR dataset generation is writing here"):
+            D.generate_dataset(out, PARAMS, progress=False, cache_dir=tmp_path / "c", ct=phantom)
+        assert [p.name for p in out.iterdir()] == [".generate.lock"]  # no staging folder made
+
+
 def test_bench_align_runs_to_the_end_on_a_generated_dataset(generated, tmp_path):
     """The alignment benchmark the way `make demo` runs it, as a script: status 0 and its JSON
     (a finished run once exited 1, printing its result dict, and stopped the demo)."""
