@@ -67,15 +67,19 @@ def torch_load_reason(e: Exception) -> str:
 
 
 def check_output_folder(path) -> None:
-    """A one-line SpineError when the folder ``path`` cannot be made because it, or the nearest
-    part of it that exists, is a file (os.makedirs would raise FileExistsError or
-    NotADirectoryError later, mid-run). Nothing is created here."""
+    """A one-line SpineError when the folder ``path`` cannot be made or written: it, or the
+    nearest part of it that exists, is a file (os.makedirs would raise FileExistsError or
+    NotADirectoryError later, mid-run), or that folder is not writable (a read-only mount, another
+    user's folder: PermissionError or OSError EROFS at the first file). Nothing is created here."""
+    import os
     from pathlib import Path
 
     wanted = Path(path)
     for part in (wanted, *wanted.parents):
         if part.exists():
+            where = "" if part == wanted else f" (wanted as a folder for {wanted})"
             if not part.is_dir():
-                where = "" if part == wanted else f" (wanted as a folder for {wanted})"
                 raise SpineError(f"{part}: exists and is not a folder{where}")
+            if not os.access(part, os.W_OK | os.X_OK):
+                raise SpineError(f"{part}: folder is not writable{where}")
             return

@@ -29,6 +29,26 @@ def test_check_output_folder(tmp_path, taken):
         check_output_folder(taken / "run" / "x")
 
 
+def test_a_folder_that_cannot_be_written(tmp_path, monkeypatch, capsys):
+    """A read-only mount (os.access says so even to root, whom folder modes do not stop)."""
+    import os
+
+    from spine_d2.zoi.cli import main
+
+    readonly = tmp_path / "mnt"
+    readonly.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: os.fspath(p) != str(readonly))
+    with pytest.raises(SpineError, match=r"mnt: folder is not writable$"):
+        check_output_folder(readonly)
+    with pytest.raises(SpineError, match=r"mnt: folder is not writable \(wanted as a folder for"):
+        check_output_folder(readonly / "run")
+    check_output_folder(tmp_path / "elsewhere")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    assert main(["--config-file", QUICK, "--input", str(scans), "--output", str(readonly)]) == 2
+    assert capsys.readouterr().err.strip().endswith("mnt: folder is not writable")
+
+
 def test_train_net_output_dir(taken):
     from spine_d2.engine.train import main, train_args
 
