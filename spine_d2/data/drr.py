@@ -889,13 +889,39 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
     if not 32 <= params.size <= 4096:  # below: no vertebra to see; above: far past the CT's detail
         raise DatasetError(out_dir, f"size must be 32..4096 px, not {params.size}")
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    finished = _finished(out_dir, params.digest())
+    if finished:  # reading needs no write access: a shared read-only datasets folder works
+        return finished
     check_output_folder(out_dir)
     check_output_folder(cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # one generator per folder: a second one (make data in two terminals) would delete the
     # first one's staging folder under it
     with single_writer(out_dir / ".generate.lock", "DRR dataset generation"):
-        return _generate(out_dir, params, progress, cache_dir, ct)
+        return _finished(out_dir, params.digest()) or _generate(
+            out_dir, params, progress, cache_dir, ct
+        )
+
+
+def _finished(out_dir: Path, digest: str):
+    """The meta dict of the finished dataset of ``digest`` in ``out_dir``, else None."""
+    meta_file = out_dir / "meta.json"
+    if not meta_file.is_file():
+        return None
+    try:
+        old = json.loads(meta_file.read_text())
+    except (OSError, ValueError):  # torn or foreign: regenerated (and replaced) under the lock
+        return None
+    if (
+        isinstance(old, dict)
+        and old.get("digest") == digest
+        and all(
+            (out_dir / f).is_file() for f in ("train.json", "val.json", "test.json", "pairs.json")
+        )
+    ):
+        logger.info("%s already holds this dataset (digest %s): reusing it", out_dir, digest)
+        return old
+    return None
 
 
 def _generate(out_dir: Path, params: DrrParams, progress, cache_dir: Path, ct) -> dict:
@@ -904,12 +930,6 @@ def _generate(out_dir: Path, params: DrrParams, progress, cache_dir: Path, ct) -
     digest = params.digest()
     meta_file = out_dir / "meta.json"
     if meta_file.is_file():
-        old = json.loads(meta_file.read_text())
-        if old.get("digest") == digest and all(
-            (out_dir / f).is_file() for f in ("train.json", "val.json", "test.json", "pairs.json")
-        ):
-            logger.info("%s already holds this dataset (digest %s): reusing it", out_dir, digest)
-            return old
         logger.warning("%s holds a dataset made with other parameters: replacing it", out_dir)
     t0 = time.time()
     ct = ct if ct is not None else load_ct(params, cache_dir)

@@ -280,6 +280,20 @@ def test_a_second_generator_into_the_same_folder_is_refused(phantom, tmp_path):
         assert [p.name for p in out.iterdir()] == [".generate.lock"]  # no staging folder made
 
 
+def test_a_finished_dataset_is_reused_from_a_read_only_folder(generated, phantom, monkeypatch):
+    import os
+
+    from spine_d2.errors import SpineError
+
+    root = generated / "a"
+    monkeypatch.setattr(os, "access", lambda p, mode: not str(p).startswith(str(root)))
+    meta = D.generate_dataset(root, PARAMS, progress=False, cache_dir=generated / "cache")
+    assert meta["digest"] == PARAMS.digest()  # read, nothing written
+    other = replace(PARAMS, seed=7)
+    with pytest.raises(SpineError, match="a: folder is not writable"):
+        D.generate_dataset(root, other, progress=False, cache_dir=generated / "cache", ct=phantom)
+
+
 def test_bench_align_runs_to_the_end_on_a_generated_dataset(generated, tmp_path):
     """The alignment benchmark the way `make demo` runs it, as a script: status 0 and its JSON
     (a finished run once exited 1, printing its result dict, and stopped the demo)."""
