@@ -215,7 +215,9 @@ def main(argv=None):
 
     result = {
         "benchmark": "bench_export",
-        "note": "2 CPU cores shared with other work: timings are noisy",
+        # what else ran: timings from a machine under load are noisy (a static note here
+        # used to say the cores were shared, whether they were or not)
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "device": cfg.MODEL.DEVICE,
         "platform": platform.platform(),
         "torch": torch.__version__,
