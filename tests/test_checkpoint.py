@@ -328,3 +328,30 @@ def test_missing_weights_a_stale_last_checkpoint_and_an_unreachable_url_are_one_
     SpineCheckpointer(model, save_dir=str(run)).resume_or_load(str(path), resume=False)
     with pytest.raises(CheckpointError, match=r"cannot fetch it \(.*\); offline, name a local"):
         SpineCheckpointer(model).load("http://127.0.0.1:9/weights.pth")  # nothing listens
+
+
+def test_package_weights_times_a_resumed_stage_without_the_pause(tmp_path):
+    """A stage killed after its first evaluation and resumed hours later (another session):
+    its wall time counts training, not the night between (the tool counted from the first
+    start to the last evaluation)."""
+    import sys
+    from pathlib import Path
+
+    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    sys.path.insert(0, tools)
+    try:
+        import package_weights
+    finally:
+        sys.path.remove(tools)
+    log = tmp_path / "log.txt"
+    log.write_text(
+        "[12/01 10:00:00 d2.engine.train_loop]: Starting training from iteration 0\n"
+        "[12/01 10:30:00 d2.evaluation.testing]: Evaluation results for x in csv format:\n"
+        "[12/01 10:40:00 d2.utils.events]:  eta: 0:20:00  iter: 1499  total_loss: 1.0\n"
+        "not a stamped line\n"
+        "[12/01 18:00:00 d2.engine.train_loop]: Starting training from iteration 1500\n"
+        "[12/01 18:20:00 d2.evaluation.testing]: Evaluation results for x in csv format:\n"
+    )
+    assert package_weights._log_times(log) == [1800.0, 2400.0 + 1200.0]
+    log.write_text(log.read_text().split("not a stamped")[0])  # never resumed: as before
+    assert package_weights._log_times(log) == [1800.0]

@@ -38,20 +38,27 @@ from spine_d2.errors import SpineError
 from spine_d2.report import read_metrics
 
 
-def _log_times(log_txt: Path) -> tuple:
-    """(start, [end of each evaluation]) as datetimes from detectron2's log.txt."""
-    start, evals = None, []
+def _log_times(log_txt: Path) -> list:
+    """Seconds of training at the end of each evaluation, from detectron2's log.txt. The clock
+    runs from each "Starting training from iteration" line to the last stamped line before the
+    next one, so a run resumed (--resume) in a later session does not count the pause between;
+    a run that was never resumed reads as before: the evaluation's time less the start."""
+    done, start, last, evals = 0.0, None, None, []
     stamp = re.compile(r"^\[(\d\d/\d\d \d\d:\d\d:\d\d)[\] ]")
     for line in log_txt.read_text(errors="replace").splitlines():
         m = stamp.match(line)
         if not m:
             continue
         t = datetime.strptime(m.group(1), "%m/%d %H:%M:%S")
-        if "Starting training from iteration" in line and start is None:
+        if "Starting training from iteration" in line:
+            if start is not None:
+                done += (last - start).total_seconds()
             start = t
-        elif "Evaluation results for" in line and "csv format" in line:
-            evals.append(t)
-    return start, evals
+        elif start is not None and "Evaluation results for" in line and "csv format" in line:
+            evals.append(done + (t - start).total_seconds())
+        if start is not None:
+            last = t
+    return evals
 
 
 DEFAULT_CONFIG = "configs/spine_mask_rcnn_R_18_FPN_scratch_gn_cpu.yaml"
@@ -62,15 +69,15 @@ def _stage(train: Path) -> dict:
     """Iterations, wall time, last logged losses, config and eval curve of one training run."""
     rows = read_metrics(train / "metrics.json", latest=False)  # its evals pair with log.txt's
     curve = training_curve(rows)
-    start, evals = _log_times(train / "log.txt")
+    evals = _log_times(train / "log.txt")
     for point, t in zip(curve, evals):
-        point["wall_minutes"] = round((t - start).total_seconds() / 60, 1) if start else None
+        point["wall_minutes"] = round(t / 60, 1)
     losses = [r for r in rows if "total_loss" in r]
     return {
         "curve": curve,
         "iterations": max((r["iteration"] for r in losses), default=-1) + 1,
         "last": max(losses, key=lambda r: r["iteration"], default={}),
-        "wall_time_s": round((evals[-1] - start).total_seconds()) if start and evals else None,
+        "wall_time_s": round(evals[-1]) if evals else None,
         "cfg": yaml.safe_load((train / "config.yaml").read_text()),
     }
 
