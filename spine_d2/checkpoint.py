@@ -77,9 +77,10 @@ class SpineCheckpointer(DetectionCheckpointer):
     def load(self, path, *args, **kwargs):
         """fvcore asserts (a traceback) on a missing file and raises whatever the download
         does on a URL it cannot fetch: both are one line here."""
-        if path and "://" not in path and not os.path.isfile(path):
-            raise CheckpointError(path, "no such weights file (MODEL.WEIGHTS)")
-        if path and "://" in path:
+        if path and "://" not in path:
+            if not os.path.isfile(path):
+                raise CheckpointError(path, "no such weights file (MODEL.WEIGHTS)")
+        elif path:
             try:
                 path = self.path_manager.get_local_path(path)
             except (OSError, ValueError, RuntimeError) as e:

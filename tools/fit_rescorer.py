@@ -140,12 +140,12 @@ def save_cache(path: str, key: dict, items) -> None:
         pickle.dump({"key": key, "items": items}, f)
 
 
-def fit_on(train, args):
+def fit_on(train, args, weights_sha256: str):
     """Fit a rescorer on the kept detections of the training splits -> (rescorer, loss)."""
     import numpy as np
 
     from spine_d2.errors import SpineError
-    from spine_d2.modeling.rescorer import file_sha256, fit_rescorer, match_targets
+    from spine_d2.modeling.rescorer import fit_rescorer, match_targets
 
     if not train:
         raise SpineError(f"{args.train_dataset}: no scans to fit on")
@@ -158,7 +158,7 @@ def fit_on(train, args):
     source = {
         "config": args.config_file,
         "weights": args.weights,
-        "weights_sha256": file_sha256(args.weights),
+        "weights_sha256": weights_sha256,
         "train_datasets": list(args.train_dataset),
         "train_images": len(train),
         "detections": int(len(features)),
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
                 )
             rescorer.source["recut_from"] = args.recut
         else:
-            rescorer, loss = fit_on(train, args)
+            rescorer, loss = fit_on(train, args, key["weights_sha256"])
         val_scores = [rescorer(torch.as_tensor(f)).numpy() for f, _ in val]
         val_ious = [iou for _, iou in val]
         own_scores = [nms_scores(f) for f, _ in val]

@@ -198,10 +198,10 @@ def write_outputs(result: EnhanceResult, high, low, out_dir: str, *, side_by_sid
         "vertebrae": result.records,
         "seconds": round(result.seconds, 3),
     }
-    text = json.dumps(summary, indent=1)
-    write_atomic(os.path.join(out_dir, "transforms.json"), text.encode("utf-8"))
+    write_atomic(os.path.join(out_dir, "transforms.json"), json.dumps(summary, indent=1))
     if side_by_side_png:
         png = side_by_side(low.pixels, result.pixels)
-        png_bytes = cv2.imencode(".png", png)[1].tobytes()
-        write_atomic(os.path.join(out_dir, "side_by_side.png"), png_bytes)
+        write_atomic(
+            os.path.join(out_dir, "side_by_side.png"), cv2.imencode(".png", png)[1].tobytes()
+        )
     return summary

@@ -889,7 +889,8 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
     if not 32 <= params.size <= 4096:  # below: no vertebra to see; above: far past the CT's detail
         raise DatasetError(out_dir, f"size must be 32..4096 px, not {params.size}")
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
-    finished = _finished(out_dir, params.digest())
+    digest = params.digest()
+    finished = _finished(out_dir, digest)
     if finished:  # reading needs no write access: a shared read-only datasets folder works
         return finished
     check_output_folder(out_dir)
@@ -898,8 +899,8 @@ def generate_dataset(out_dir, params: DrrParams, progress=True, cache_dir=None, 
     # one generator per folder: a second one (make data in two terminals) would delete the
     # first one's staging folder under it
     with single_writer(out_dir / ".generate.lock", "DRR dataset generation"):
-        return _finished(out_dir, params.digest()) or _generate(
-            out_dir, params, progress, cache_dir, ct
+        return _finished(out_dir, digest) or _generate(
+            out_dir, params, digest, progress, cache_dir, ct
         )
 
 
@@ -924,10 +925,9 @@ def _finished(out_dir: Path, digest: str):
     return None
 
 
-def _generate(out_dir: Path, params: DrrParams, progress, cache_dir: Path, ct) -> dict:
+def _generate(out_dir: Path, params: DrrParams, digest: str, progress, cache_dir: Path, ct) -> dict:
     import time
 
-    digest = params.digest()
     meta_file = out_dir / "meta.json"
     if meta_file.is_file():
         logger.warning("%s holds a dataset made with other parameters: replacing it", out_dir)
