@@ -294,6 +294,15 @@ def test_a_finished_dataset_is_reused_from_a_read_only_folder(generated, phantom
         D.generate_dataset(root, other, progress=False, cache_dir=generated / "cache", ct=phantom)
 
 
+def test_a_torn_meta_json_is_regenerated_not_a_traceback(phantom, tmp_path):
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "meta.json").write_bytes(b'{"digest": "ab')  # a run killed mid-write, by hand
+    meta = D.generate_dataset(out, PARAMS, progress=False, cache_dir=tmp_path / "c", ct=phantom)
+    assert json.loads((out / "meta.json").read_text()) == meta
+    assert meta["digest"] == PARAMS.digest() and (out / "train.json").is_file()
+
+
 def test_bench_align_runs_to_the_end_on_a_generated_dataset(generated, tmp_path):
     """The alignment benchmark the way `make demo` runs it, as a script: status 0 and its JSON
     (a finished run once exited 1, printing its result dict, and stopped the demo)."""
