@@ -118,9 +118,9 @@ def model_hash(cfg, model, config_file: str = "") -> dict:
 class _ScanDataset(Dataset):
     """Worker side: hash, skip what is already exported, decode and resize."""
 
-    def __init__(self, items, augmentations, channels, done, model_key):
+    def __init__(self, items, augmentations, channels, done, model_key, out):
         self.items, self.augmentations, self.channels = items, augmentations, channels
-        self.done, self.model_key = done, model_key
+        self.done, self.model_key, self.out = done, model_key, out
 
     def __len__(self):
         return len(self.items)
@@ -129,7 +129,9 @@ class _ScanDataset(Dataset):
         item = self.items[i]
         t0 = time.perf_counter()
         try:
-            if item.rel in self.done:  # hash first: skipping costs one read, not a decode
+            # hash first: skipping costs one read, not a decode. A line whose ZOI folder is gone
+            # (a rewrite killed between its renames, a folder deleted by hand) is not trusted.
+            if item.rel in self.done and (self.out / item.zoi_dir).is_dir():
                 if self.done[item.rel] == (file_sha256(item.path), self.model_key):
                     return {"item": item, "skip": True}
             scan = read_scan(item.path)
@@ -316,14 +318,14 @@ class ZOIExporter:
         partial.mkdir(parents=True)
         for rel, data in files.items():
             (partial / os.path.basename(rel)).write_bytes(data)
+        # a run killed between the two renames left the scan's previous folder set aside as
+        # ``.old`` (and no ``final``): it is superseded by this one either way
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
         if final.exists():
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(partial, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(partial, final)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
         line = {
             "schema_version": SCHEMA_VERSION,
             "path": item.rel,
@@ -407,6 +409,7 @@ class ZOIExporter:
             cfg.INPUT.XRAY.CHANNELS,
             done,
             self.model_info["hash"],
+            out,
         )
         workers = cfg.ZOI.NUM_WORKERS
         loader = DataLoader(

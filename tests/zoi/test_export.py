@@ -135,11 +135,23 @@ def test_resume_after_a_kill_redoes_only_the_unfinished_scan(
     for path, mtime in before.items():  # finished scans were not rewritten
         line = next(l for l in final if l["path"] == path)
         assert os.path.getmtime(out / line["zois"][0]["file"]) == mtime
-    # another model (here: another margin, part of the hash) redoes everything
+    # a scan whose ZOI folder is gone (a rewrite killed between its two renames, below, then
+    # a rerun with the manifest's own model) is redone, not skipped on its manifest line
+    os.replace(zoi_dir, str(zoi_dir) + ".old")
+    summary = exporter.export(items, out, progress=False)
+    assert (summary["scans_ok"], summary["scans_skipped"]) == (1, len(items) - 1)
+    assert len(os.listdir(zoi_dir)) == len(victim["zois"])
+    assert not list(out.rglob("*.old"))
+    # another model (here: another margin, part of the hash) redoes everything; one scan's
+    # rewrite was killed between its two renames (its old ZOI folder moved aside, the new one
+    # not yet in place): the folder set aside goes, the new one is whole
+    os.replace(zoi_dir, str(zoi_dir) + ".old")
     summary = ZOIExporter(export_cfg("ZOI.MARGIN", "0"), random_model).export(
         items, out, progress=False
     )
     assert summary["scans_ok"] == len(items) and len(_lines(manifest)) == len(items)
+    assert not list(out.rglob("*.old")) and not list(out.rglob("*.partial"))
+    assert len(os.listdir(zoi_dir)) == len(victim["zois"])
 
 
 def test_cli_corrupt_files_go_to_errors_with_exit_code_3(export_cli, scan_folder, tmp_path, capsys):
