@@ -13,6 +13,7 @@ be imported.)
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -39,19 +40,46 @@ def temporary_name(path: PathLike) -> Path:
     return path.with_name(f".{stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
 
 
+# The filesystem refuses more bytes: nothing this run can fix, and no bug to show a traceback of.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+@contextmanager
+def naming_write_errors(path: PathLike) -> Iterator[None]:
+    """Turn a full disk, an exhausted quota or a filesystem remounted read-only under the block
+    into a one-line SpineError naming ``path``, the output being written: the ``OSError`` of a
+    failed ``write`` or ``flush`` names no file, and the tools print SpineErrors as one line.
+    Other OSErrors pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _NO_ROOM:
+            raise
+        from .errors import SpineError
+
+        raise SpineError(
+            f"{path}: cannot write it ({os.strerror(e.errno)}): the files written before it are "
+            "whole; make room (or write elsewhere) and run again"
+        ) from e
+
+
 @contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary name to write ``path``'s content to; when the block ends it is renamed
     to ``path``, and when the block raises (interrupts included) it is removed and ``path`` is
     left as it was. For writers that take a file name (``torch.save``, ``cv2.imwrite``,
-    ``fig.savefig``)."""
+    ``fig.savefig``). A full disk is a one-line error (:func:`naming_write_errors`)."""
     tmp = temporary_name(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with naming_write_errors(path):
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # read-only by now: the error that brought us here matters more
+                pass
+            raise
 
 
 @contextmanager

@@ -1,10 +1,22 @@
 """spine_d2.atomic: a file's name holds the old file or the whole new one, never a part."""
 
+import errno
+import os
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
 
-from spine_d2.atomic import atomic_open, atomic_path, temporary_name, write_atomic, write_json
+from spine_d2.atomic import (
+    atomic_open,
+    atomic_path,
+    naming_write_errors,
+    temporary_name,
+    write_atomic,
+    write_json,
+)
+from spine_d2.errors import SpineError
 
 
 def _names(folder):
@@ -38,6 +50,35 @@ def test_a_writer_that_raises_before_writing_anything(tmp_path):
         with atomic_path(tmp_path / "w.pth"):
             raise OSError("disk full")
     assert _names(tmp_path) == []
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, code):
+    path = tmp_path / "report.md"
+    path.write_text("old report")
+    unlink = Path.unlink
+
+    def unlink_read_only(self, missing_ok=False):  # a read-only remount refuses the cleanup too
+        if code == errno.EROFS:
+            raise OSError(code, os.strerror(code), str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink_read_only)
+    with pytest.raises(SpineError) as e:
+        with atomic_open(path) as f:
+            f.write("half a new rep")
+            raise OSError(code, os.strerror(code))  # what a failing write() raises: no file name
+    assert str(e.value).startswith(f"{path}: cannot write it ({os.strerror(code)})")
+    assert "\n" not in str(e.value)
+    assert path.read_text() == "old report"
+    if code != errno.EROFS:
+        assert _names(tmp_path) == ["report.md"]
+
+
+def test_other_os_errors_pass_unchanged(tmp_path):
+    with pytest.raises(PermissionError):
+        with naming_write_errors(tmp_path / "x"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "x"))
 
 
 def test_two_writers_of_one_file_do_not_share_a_temporary_name(tmp_path):

@@ -31,7 +31,7 @@ from detectron2.modeling import build_model
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..atomic import atomic_open, single_writer, write_atomic, write_json
+from ..atomic import atomic_open, naming_write_errors, single_writer, write_atomic, write_json
 from ..checkpoint import SpineCheckpointer
 from ..data.augment import build_xray_augmentations
 from ..data.io import file_sha256, read_scan
@@ -316,8 +316,9 @@ class ZOIExporter:
         if partial.exists():
             shutil.rmtree(partial)  # left by a killed run
         partial.mkdir(parents=True)
-        for rel, data in files.items():
-            (partial / os.path.basename(rel)).write_bytes(data)
+        with naming_write_errors(final):
+            for rel, data in files.items():
+                (partial / os.path.basename(rel)).write_bytes(data)
         # a run killed between the two renames left the scan's previous folder set aside as
         # ``.old`` (and no ``final``): it is superseded by this one either way
         old = final.with_name(final.name + ".old")

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 
-from ..atomic import atomic_open
+from ..atomic import atomic_open, naming_write_errors
 from ..errors import SpineError
 
 __all__ = [
@@ -145,9 +145,11 @@ def load_manifest(path: str) -> dict:
 
 
 def append_line(f, obj: dict) -> None:
-    """Append one JSON line and flush: a killed process leaves whole lines behind."""
-    f.write(json.dumps(obj, separators=(",", ":")) + "\n")
-    f.flush()
+    """Append one JSON line and flush: a killed process leaves whole lines behind (and a full
+    disk a torn last line, which the next run ends and skips: see open_for_append)."""
+    with naming_write_errors(f.name):
+        f.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        f.flush()
 
 
 def open_for_append(path: str):

@@ -1,5 +1,6 @@
 """The exporter and its CLI on folders of synthetic scans (random-init model, CPU)."""
 
+import errno
 import json
 import os
 import shutil
@@ -152,6 +153,36 @@ def test_resume_after_a_kill_redoes_only_the_unfinished_scan(
     assert summary["scans_ok"] == len(items) and len(_lines(manifest)) == len(items)
     assert not list(out.rglob("*.old")) and not list(out.rglob("*.partial"))
     assert len(os.listdir(zoi_dir)) == len(victim["zois"])
+
+
+def test_a_full_disk_stops_the_export_with_one_line_and_a_rerun_completes_it(
+    random_model, export_cfg, scan_folder, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    items, roots = discover_scans([str(scan_folder / "a")])
+    exporter = ZOIExporter(export_cfg(), random_model)
+    write_bytes, calls = Path.write_bytes, []
+
+    def disk_fills(self, data):  # the seventh ZOI file finds the disk full
+        calls.append(self)
+        if len(calls) == 7:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a write() names no file
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_fills)
+    with pytest.raises(SpineError) as e:  # export_zoi prints it as its one line, exit code 2
+        exporter.export(items, out, roots=roots, progress=False)
+    scan_dir = calls[6].parent.with_suffix("")  # "<scan>.partial" -> the scan's ZOI folder
+    assert str(e.value) == (
+        f"{scan_dir}: cannot write it (No space left on device): the files written before it "
+        "are whole; make room (or write elsewhere) and run again"
+    )
+    written = [l["path"] for l in _lines(out / "manifest.jsonl")]  # the batch in flight went on
+    assert scan_dir.name + ".png" not in written and len(written) == len(items) - 1
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    summary = exporter.export(items, out, roots=roots, progress=False)
+    assert (summary["scans_ok"], summary["scans_skipped"]) == (1, len(items) - 1)
+    assert not list(out.rglob("*.partial"))
 
 
 def test_cli_corrupt_files_go_to_errors_with_exit_code_3(export_cli, scan_folder, tmp_path, capsys):
