@@ -47,17 +47,17 @@ _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 @contextmanager
 def naming_write_errors(path: PathLike) -> Iterator[None]:
     """Turn a full disk, an exhausted quota or a filesystem remounted read-only under the block
-    into a one-line SpineError naming ``path``, the output being written: the ``OSError`` of a
-    failed ``write`` or ``flush`` names no file, and the tools print SpineErrors as one line.
-    Other OSErrors pass unchanged."""
+    into a one-line OutputError (a SpineError) naming ``path``, the output being written: the
+    ``OSError`` of a failed ``write`` or ``flush`` names no file, and the tools print
+    SpineErrors as one line. Other OSErrors pass unchanged."""
     try:
         yield
     except OSError as e:
         if e.errno not in _NO_ROOM:
             raise
-        from .errors import SpineError
+        from .errors import OutputError
 
-        raise SpineError(
+        raise OutputError(
             f"{path}: cannot write it ({os.strerror(e.errno)}): the files written before it are "
             "whole; make room (or write elsewhere) and run again"
         ) from e

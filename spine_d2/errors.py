@@ -5,6 +5,11 @@ class SpineError(Exception):
     """Base class; tools catch it at the top, print ``str(e)`` and exit non-zero."""
 
 
+class OutputError(SpineError):
+    """An output that cannot be written because the filesystem takes no more (full, over quota,
+    remounted read-only): a batch stops at it, since every later item would fail the same way."""
+
+
 class ScanReadError(SpineError):
     """A scan file that cannot be read as an image."""
 

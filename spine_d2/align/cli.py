@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from ..atomic import single_writer
 from ..data.io import file_sha256, read_scan
-from ..errors import SpineError, check_output_folder
-from ..zoi.manifest import load_manifest
+from ..errors import OutputError, SpineError, check_output_folder
+from ..zoi.manifest import append_line, load_manifest
 from .pipeline import enhance_pair, vertebrae_from_manifest, write_outputs
 
 __all__ = ["build_parser", "main", "pairs_from_file", "pairs_from_patterns"]
@@ -213,16 +213,21 @@ def _run(args, held: contextlib.ExitStack) -> int:
         return EXIT_USAGE
     failed = 0
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "errors.jsonl"), "w", encoding="utf-8") as errors:
-        for high_path, low_path in tqdm(pairs, desc="enhance", unit="pair"):
-            out_dir = os.path.join(args.out, Path(low_path).stem)
-            try:
-                _one(high_path, low_path, index_high, index_low, out_dir, args)
-            except SpineError as e:
-                failed += 1
-                errors.write(
-                    json.dumps({"low": low_path, "high": high_path, "error": str(e)}) + "\n"
-                )
-                logger.warning("%s", e)
+    errors_path = os.path.join(args.out, "errors.jsonl")
+    try:
+        with open(errors_path, "w", encoding="utf-8") as errors:
+            for high_path, low_path in tqdm(pairs, desc="enhance", unit="pair"):
+                out_dir = os.path.join(args.out, Path(low_path).stem)
+                try:
+                    _one(high_path, low_path, index_high, index_low, out_dir, args)
+                except OutputError:
+                    raise  # a full disk: every later pair would fail alike
+                except SpineError as e:
+                    failed += 1
+                    append_line(errors, {"low": low_path, "high": high_path, "error": str(e)})
+                    logger.warning("%s", e)
+    except OutputError as e:
+        print(f"enhance_scan: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     print(json.dumps({"pairs": len(pairs), "failed": failed, "out": args.out}))
     return EXIT_SOME_FAILED if failed else EXIT_OK

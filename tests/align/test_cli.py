@@ -185,6 +185,42 @@ def test_usage_errors(tmp_path, capsys):
     assert "no such file" in _error_line(capsys)
 
 
+def test_a_full_disk_stops_the_batch_with_one_line(make_pair, tmp_path, monkeypatch, capsys):
+    """A pair that cannot be written for want of room is not a failure of that pair (exit 3,
+    go on): every later pair would fail alike, so the run stops with one line, exit 2."""
+    import errno
+
+    import spine_d2.align.pipeline as pipeline
+    from spine_d2.atomic import atomic_path
+
+    high, ma, low, mb, _ = make_pair(noise=0.03)
+    scans = []
+    for case in ("case1", "case2"):
+        h = _write(tmp_path / f"{case}_high.png", high)
+        lo = _write(tmp_path / f"{case}_low.png", low)
+        scans += [(h, [ma]), (lo, [mb])]
+    man = _manifest(tmp_path / "manifest.jsonl", scans)
+    written = []
+
+    def disk_full(path, data):
+        written.append(path)
+        with atomic_path(path):
+            raise OSError(errno.ENOSPC, "No space left on device")  # a write() names no file
+
+    monkeypatch.setattr(pipeline, "write_atomic", disk_full)
+    out = tmp_path / "o"
+    rc = main(
+        ["--input-dir", str(tmp_path), "--low-pattern", "*_low.png", "--high-pattern",
+         "*_high.png", "--out", str(out), "--low-manifest", str(man), "--high-manifest", str(man)]
+    )  # fmt: skip
+    assert rc == 2 and len(written) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"enhance_scan: error: {written[0]}: cannot write it (No space left on device): the "
+        "files written before it are whole; make room (or write elsewhere) and run again"
+    )
+    assert (out / "errors.jsonl").read_text() == ""
+
+
 def test_a_missing_scan_fails_its_pair_only(tmp_path, capsys):
     """Folder mode with the model (a random one here): the pair whose scan is gone is recorded
     in errors.jsonl and the others are still run (exit 3, not a usage error)."""
