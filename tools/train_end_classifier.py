@@ -77,6 +77,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON to write; the weights go beside it (.pth)")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--context-half",
+        type=float,
+        nargs=2,
+        metavar=("WIDTHS", "HEIGHTS"),
+        default=None,
+        help="half-size of the context box in body widths and heights (default 1.6 3.5)",
+    )
+    ap.add_argument(
+        "--crop-size",
+        type=int,
+        nargs=2,
+        metavar=("HEIGHT", "WIDTH"),
+        default=None,
+        help="pixels the context box is sampled to (default 256 160)",
+    )
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     args = ap.parse_args(argv)
 
@@ -102,8 +118,12 @@ def main(argv=None) -> int:
         resnets = {k: v for k, v in cfg.MODEL.RESNETS.items() if k != "OUT_FEATURES"}
         detector = build_model(cfg)
         SpineCheckpointer(detector).load(args.init)
+        shape = {"context_half": args.context_half, "crop_size": args.crop_size}
         model = EndClassifier.from_detector(
-            resnets, detector.backbone.bottom_up.state_dict(), args.seed
+            resnets,
+            detector.backbone.bottom_up.state_dict(),
+            args.seed,
+            **{k: v for k, v in shape.items() if v is not None},
         )
         del detector
         model.to(cfg.MODEL.DEVICE)  # films stay on the CPU; each batch of crops moves

@@ -243,3 +243,32 @@ def test_the_tool_refuses_an_unknown_dataset(tmp_path):
     assert run.returncode == 1
     assert "error: no_such_split: not a registered dataset" in run.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_the_tool_trains_a_classifier_of_the_context_it_is_given(tmp_path):
+    """--context-half and --crop-size shape the classifier (a wider box sees the pelvis beside
+    L5); the file records them and loads back with them."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from spine_d2.data.datasets import register_spine_coco
+    from spine_d2.data.synthetic import make_synthetic_spine_dataset
+
+    # seed 0's three scans hold T1..T3 / L3..L5 bodies, the only ones the classifier learns
+    register_spine_coco("spine_ends_train", *make_synthetic_spine_dataset(tmp_path, 3, seed=0))
+    sys.path.insert(0, "tools")
+    try:
+        from train_end_classifier import main
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "ends.json"
+    rc = main(
+        ["--config-file", QUICK, "--dataset", "spine_ends_train", "--out", str(out), "--epochs",
+         "1", "--context-half", "4", "3.5", "--crop-size", "64", "96", "MODEL.DEVICE", "cpu"]
+    )  # fmt: skip
+    DatasetCatalog.remove("spine_ends_train")
+    MetadataCatalog.remove("spine_ends_train")
+    assert rc == 0
+    head = json.loads(out.read_text())
+    assert (head["context_half"], head["crop_size"]) == ([4.0, 3.5], [64, 96])
+    model = EndClassifier.load(out)
+    assert model.crops(torch.zeros(1, 128, 128), [[40, 40, 60, 50]]).shape == (1, 3, 64, 96)
