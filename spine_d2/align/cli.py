@@ -213,9 +213,8 @@ def _run(args, held: contextlib.ExitStack) -> int:
         return EXIT_USAGE
     failed = 0
     os.makedirs(args.out, exist_ok=True)
-    errors_path = os.path.join(args.out, "errors.jsonl")
     try:
-        with open(errors_path, "w", encoding="utf-8") as errors:
+        with open(os.path.join(args.out, "errors.jsonl"), "w", encoding="utf-8") as errors:
             for high_path, low_path in tqdm(pairs, desc="enhance", unit="pair"):
                 out_dir = os.path.join(args.out, Path(low_path).stem)
                 try:
