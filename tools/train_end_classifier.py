@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         nargs=2,
         metavar=("WIDTHS", "HEIGHTS"),
         default=None,
-        help="half-size of the context box in body widths and heights (default 1.6 3.5)",
+        help="half-size of the context box in body widths and heights (default 4 3.5)",
     )
     ap.add_argument(
         "--crop-size",
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         nargs=2,
         metavar=("HEIGHT", "WIDTH"),
         default=None,
-        help="pixels the context box is sampled to (default 256 160)",
+        help="pixels the context box is sampled to (default 256 320)",
     )
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     args = ap.parse_args(argv)

@@ -16,6 +16,7 @@ from spine_d2.modeling.end_classifier import (
     END_NAMES,
     EndClassifier,
     add_end_evidence,
+    context_boxes,
     crop_contexts,
     end_samples,
     train_end_classifier,
@@ -49,12 +50,14 @@ def test_c7_and_s1_are_placed_one_step_beyond_the_annotated_ends():
 def test_crops_are_centred_on_the_body_and_sized_by_it():
     image = torch.zeros(1, 128, 128)
     image[0, 50:60, 40:50] = 1.0  # the body: 10 x 10 px
-    crop = crop_contexts(image, [[40.0, 50.0, 50.0, 60.0]], size=(70, 32))[0, 0]
+    crop = crop_contexts(image, [[40.0, 50.0, 50.0, 60.0]], size=(70, 32), half=(1.6, 3.5))[0, 0]
     # the context box is 32 x 70 px, so the crop is 1:1 and the body sits in its middle
     rows, cols = torch.nonzero(crop > 0.5, as_tuple=True)
     assert rows.min().item() == 30 and rows.max().item() == 39
     assert cols.min().item() == 11 and cols.max().item() == 20
     assert crop.sum().item() == pytest.approx(100.0, abs=1.0)
+    # by default 8 body widths by 7 heights: wide enough for the iliac crests beside L5
+    np.testing.assert_allclose(context_boxes([[40, 50, 50, 60]]), [[5, 20, 85, 90]])
 
 
 def test_end_evidence_goes_to_the_top_and_bottom_rows_only():
