@@ -95,6 +95,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     args = ap.parse_args(argv)
+    for flag in ("context_half", "crop_size"):
+        if any(v <= 0 for v in getattr(args, flag) or ()):
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: sizes must be positive")
 
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model

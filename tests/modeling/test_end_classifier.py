@@ -275,3 +275,15 @@ def test_the_tool_trains_a_classifier_of_the_context_it_is_given(tmp_path):
     assert (head["context_half"], head["crop_size"]) == ([4.0, 3.5], [64, 96])
     model = EndClassifier.load(out)
     assert model.crops(torch.zeros(1, 128, 128), [[40, 40, 60, 50]]).shape == (1, 3, 64, 96)
+
+
+def test_the_tool_refuses_a_context_of_no_size(capsys):
+    sys.path.insert(0, "tools")
+    try:
+        from train_end_classifier import main
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as e:
+        main(["--config-file", QUICK, "--out", "x.json", "--crop-size", "0", "96"])
+    assert e.value.code == 2
+    assert "--crop-size [0, 96]: sizes must be positive" in capsys.readouterr().err
