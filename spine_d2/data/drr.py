@@ -28,6 +28,7 @@ from ..atomic import atomic_path, single_writer, write_atomic
 from ..config import VERTEBRA_LEVELS
 from ..errors import DatasetError, check_output_folder
 from .dicom import write_dicom
+from .io import write_image
 
 logger = logging.getLogger(__name__)
 
@@ -715,12 +716,6 @@ def categories(taxonomy: str) -> list:
 # ------------------------------------------------------------------------------- dataset
 
 
-def _write_png(path: Path, pixels: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), pixels):
-            raise DatasetError(path, "could not write image")
-
-
 def _write_scan(out_dir: Path, name: str, pixels: np.ndarray, params, pixel_mm: float) -> None:
     if params.image_format == "dicom":
         # pixel spacing at the isocentre (DRR geometry)
@@ -732,7 +727,7 @@ def _write_scan(out_dir: Path, name: str, pixels: np.ndarray, params, pixel_mm: 
             SeriesDescription="spine-d2 DRR",
         )
     else:
-        _write_png(out_dir / "images" / name, pixels)
+        write_image(out_dir / "images" / name, pixels)
 
 
 def _render_scan(base, geom, params, rng, dose, window=None, noise=True, spr=None):
@@ -1034,7 +1029,7 @@ def contact_sheet(records: list, out_png, cols=4, tile=384, class_names=None) ->
     out_png = Path(out_png)
     check_output_folder(out_png.parent)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    _write_png(out_png, sheet)
+    write_image(out_png, sheet)
     return str(out_png)
 
 

@@ -23,7 +23,15 @@ import numpy as np
 
 from ..errors import ScanReadError
 
-__all__ = ["Scan", "read_scan", "register_reader", "is_scan_file", "file_sha256", "SCAN_SUFFIXES"]
+__all__ = [
+    "Scan",
+    "read_scan",
+    "register_reader",
+    "is_scan_file",
+    "file_sha256",
+    "write_image",
+    "SCAN_SUFFIXES",
+]
 
 # Sizes outside these bounds are corrupt headers, thumbnails or decompression bombs, not scans.
 MIN_SIDE = 8
@@ -360,6 +368,25 @@ def is_scan_file(path: str | os.PathLike) -> bool:
     """Whether read_scan would try this file: a known suffix, or DICOM with any name."""
     p = Path(path)
     return p.is_file() and (p.suffix.lower() in _READERS or _has_dicom_preamble(os.fspath(p)))
+
+
+def write_image(path: str | os.PathLike, pixels: np.ndarray) -> None:
+    """``pixels`` to ``path`` in the format its suffix names, through a temporary name.
+    Encoded in memory and written by Python rather than by ``cv2.imwrite``, which returns a
+    bare False on a full disk: a failed write names its reason (a one-line OutputError)."""
+    from ..atomic import write_atomic
+    from ..errors import DatasetError
+
+    suffix = Path(path).suffix
+    try:
+        ok, buf = cv2.imencode(suffix, pixels)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise DatasetError(
+            path, f"OpenCV cannot encode a {pixels.dtype} array of shape {pixels.shape} as {suffix}"
+        )
+    write_atomic(path, buf.tobytes())
 
 
 def file_sha256(path: str | os.PathLike) -> str:

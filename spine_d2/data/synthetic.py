@@ -15,9 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..atomic import atomic_path, write_atomic
+from ..atomic import write_atomic
 from ..config import VERTEBRA_LEVELS
-from ..errors import DatasetError
+from .io import write_image
 
 __all__ = ["make_synthetic_spine_dataset", "registered_synthetic_dataset", "vertebra_polygon"]
 
@@ -81,9 +81,7 @@ def make_synthetic_spine_dataset(
         name = f"{split}_{i:03d}.png"
         scale = 65535 if bit_depth == 16 else 255
         dtype = np.uint16 if bit_depth == 16 else np.uint8
-        with atomic_path(root / "images" / name) as tmp:
-            if not cv2.imwrite(str(tmp), np.round(img * scale).astype(dtype)):
-                raise DatasetError(root / "images" / name, "OpenCV could not write the image")
+        write_image(root / "images" / name, np.round(img * scale).astype(dtype))
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
         first = int(rng.integers(VERTEBRA_LEVELS.index("T1"), len(VERTEBRA_LEVELS) - n))
         for j, poly in enumerate(polys):

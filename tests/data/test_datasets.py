@@ -1,9 +1,14 @@
 """register_spine_coco: round trip, validation of each bad record kind, idempotence."""
 
 import copy
+import errno
+import io
 import json
+import os
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
@@ -229,13 +234,29 @@ def test_categories_keep_only_the_named_classes(coco, tmp_path):
         load_spine_coco(json_file, image_root, categories=("spinous",))
 
 
-def test_synthetic_generator_names_an_image_opencv_did_not_write(tmp_path, monkeypatch):
-    # cv2.imwrite reports failure by returning False: the generator went on and wrote a COCO
-    # file naming images that were never written
+def test_synthetic_generator_names_the_image_a_full_disk_stopped(tmp_path, monkeypatch):
+    # cv2.imwrite says only False on a full disk: the image is encoded in memory and written by
+    # Python, so the line names the file and the reason, and no COCO file names missing images
+    from spine_d2 import atomic
     from spine_d2.data import synthetic
+    from spine_d2.errors import OutputError
 
-    monkeypatch.setattr(synthetic.cv2, "imwrite", lambda *a, **k: False)
-    with pytest.raises(DatasetError, match=r"train_000\.png: OpenCV could not write the image"):
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic, "open", lambda *a, **k: FullDisk(), raising=False)
+    with pytest.raises(OutputError, match=r"train_000\.png: cannot write it \(No space left"):
         synthetic.make_synthetic_spine_dataset(tmp_path, num_images=2)
     assert not (tmp_path / "train.json").exists()
     assert [p.name for p in (tmp_path / "images").iterdir()] == []
+
+
+def test_an_image_opencv_cannot_encode_is_named(tmp_path):
+    from spine_d2.data.io import write_image
+
+    with pytest.raises(DatasetError, match=r"a\.xyz: OpenCV cannot encode a uint8 array"):
+        write_image(tmp_path / "a.xyz", np.zeros((4, 4), np.uint8))
+    write_image(tmp_path / "b.png", np.full((4, 4), 513, np.uint16))
+    assert cv2.imread(str(tmp_path / "b.png"), cv2.IMREAD_UNCHANGED)[0, 0] == 513
+    assert [p.name for p in tmp_path.iterdir()] == ["b.png"]
