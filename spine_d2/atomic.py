@@ -45,32 +45,49 @@ _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 @contextmanager
-def naming_write_errors(path: PathLike) -> Iterator[None]:
+def naming_write_errors(path: PathLike, advice: str = "") -> Iterator[None]:
     """Turn a full disk, an exhausted quota or a filesystem remounted read-only under the block
     into a one-line OutputError (a SpineError) naming ``path``, the output being written: the
     ``OSError`` of a failed ``write`` or ``flush`` names no file, and the tools print
-    SpineErrors as one line. Other OSErrors pass unchanged."""
+    SpineErrors as one line. ``advice`` replaces the default "what now" that ends the line.
+    Other OSErrors pass unchanged (an OutputError raised inside keeps its own, nearer name)."""
+    from .errors import OutputError
+
     try:
         yield
-    except OSError as e:
-        if e.errno not in _NO_ROOM:
+    except OutputError:
+        raise
+    except Exception as e:
+        code = _no_room(e)
+        if code is None:
             raise
-        from .errors import OutputError
+        advice = advice or (
+            "the files written before it are whole; make room (or write elsewhere) and run again"
+        )
+        raise OutputError(f"{path}: cannot write it ({os.strerror(code)}): {advice}") from e
 
-        raise OutputError(
-            f"{path}: cannot write it ({os.strerror(e.errno)}): the files written before it are "
-            "whole; make room (or write elsewhere) and run again"
-        ) from e
+
+def _no_room(e: BaseException) -> int | None:
+    """The errno of a full disk behind ``e``: raised itself, or the cause of what was raised
+    (``torch.save`` meets the OSError in its zip writer and raises a RuntimeError on top)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_ROOM:
+            return e.errno
+        e = e.__cause__ or e.__context__
+    return None
 
 
 @contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, advice: str = "") -> Iterator[Path]:
     """Yield a temporary name to write ``path``'s content to; when the block ends it is renamed
     to ``path``, and when the block raises (interrupts included) it is removed and ``path`` is
     left as it was. For writers that take a file name (``torch.save``, ``cv2.imwrite``,
-    ``fig.savefig``). A full disk is a one-line error (:func:`naming_write_errors`)."""
+    ``fig.savefig``). A full disk is a one-line error (:func:`naming_write_errors`, which
+    ``advice`` goes to)."""
     tmp = temporary_name(path)
-    with naming_write_errors(path):
+    with naming_write_errors(path, advice):
         try:
             yield tmp
             os.replace(tmp, path)
@@ -83,13 +100,13 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_open(path: PathLike, mode: str = "w", **kwargs):
+def atomic_open(path: PathLike, mode: str = "w", advice: str = "", **kwargs):
     """``open(path, mode)`` for writing through :func:`atomic_path`; text defaults to UTF-8."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes a whole file: mode 'w' or 'wb', not {mode!r}")
     if mode == "w":
         kwargs.setdefault("encoding", "utf-8")
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+    with atomic_path(path, advice) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
 
 

@@ -60,6 +60,13 @@ def verify_weights(path) -> dict | None:
     return manifest
 
 
+# How a training run stopped by a full disk goes on: its files are whole (saved as above).
+RESUME_ADVICE = (
+    "the checkpoints written before it are whole and last_checkpoint names the newest; make "
+    "room (or copy OUTPUT_DIR elsewhere) and run again with --resume"
+)
+
+
 class SpineCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer + sha256 check against a sidecar manifest + one-line errors."""
 
@@ -89,6 +96,31 @@ class SpineCheckpointer(DetectionCheckpointer):
                     path, f"cannot fetch it ({reason}); offline, name a local file instead"
                 ) from None
         return super().load(path, *args, **kwargs)
+
+    def save(self, name, **kwargs):
+        """fvcore writes a checkpoint in place, so a full disk or a kill mid-write left a
+        truncated ``model_XXXX.pth`` under its final name. Here (a local ``save_dir``) it is
+        written to a temporary name and renamed, and a full disk is one line naming it."""
+        if not self.save_dir or not self.save_to_disk or "://" in self.save_dir:
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        # to a file object: the zip's records are named "archive", not the temporary name
+        with atomic_open(save_file, "wb", advice=RESUME_ADVICE) as f:
+            torch.save(data, f)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        if "://" in self.save_dir:
+            return super().tag_last_checkpoint(last_filename_basename)
+        last = os.path.join(self.save_dir, "last_checkpoint")
+        with atomic_open(last, "w", advice=RESUME_ADVICE) as f:
+            f.write(last_filename_basename)
 
     def _load_file(self, filename):
         if verify_weights(filename) is not None:  # fvcore has made ``filename`` local already

@@ -16,7 +16,7 @@ from spine_d2.atomic import (
     write_atomic,
     write_json,
 )
-from spine_d2.errors import SpineError
+from spine_d2.errors import OutputError, SpineError
 
 
 def _names(folder):
@@ -79,6 +79,24 @@ def test_other_os_errors_pass_unchanged(tmp_path):
     with pytest.raises(PermissionError):
         with naming_write_errors(tmp_path / "x"):
             raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "x"))
+
+
+def test_a_full_disk_under_another_error_is_still_one_line(tmp_path):
+    # torch.save meets ENOSPC in its zip writer and raises a RuntimeError on top of it; an
+    # inner writer's line names its own file, not the outer block's
+    with pytest.raises(OutputError, match=r"x\.pth: cannot write it \(No space left"):
+        with naming_write_errors(tmp_path / "x.pth"):
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
+    with pytest.raises(OutputError, match=r"inner\.json: cannot write it"):
+        with naming_write_errors(tmp_path):
+            with naming_write_errors(tmp_path / "inner.json"):
+                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    with pytest.raises(RuntimeError, match="something else"):
+        with naming_write_errors(tmp_path / "x.pth"):
+            raise RuntimeError("something else")
 
 
 def test_two_writers_of_one_file_do_not_share_a_temporary_name(tmp_path):
@@ -203,3 +221,11 @@ def test_a_filesystem_without_locks_runs_unguarded_with_a_warning(tmp_path, monk
             ran.append(True)
     assert ran and _names(tmp_path) == []
     assert "cannot lock" in caplog.text and "nothing stops a second ZOI export" in caplog.text
+
+
+def test_a_full_disk_line_can_end_in_the_callers_advice(tmp_path):
+    with pytest.raises(OutputError) as e:
+        with naming_write_errors(tmp_path, "run again with --resume"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    reason = "cannot write it (No space left on device)"
+    assert str(e.value) == f"{tmp_path}: {reason}: run again with --resume"

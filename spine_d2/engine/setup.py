@@ -12,6 +12,7 @@ from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..atomic import naming_write_errors
 from ..config import add_spine_config
 from ..data.datasets import register_from_config
 from ..errors import SpineError, check_output_folder, one_line
@@ -149,12 +150,17 @@ def check_datasets_registered(cfg, config_file: str, eval_only: bool = False) ->
                 )
 
 
+# A full disk under detectron2's own writers, whose OSError names no file (train.py too).
+NO_ROOM_ADVICE = "make room (or set another OUTPUT_DIR) and run again"
+
+
 def setup(args):
     """build_config plus detectron2's default_setup (output dir, logger, config dump, seed)."""
     cfg = build_config(args.config_file, args.opts)
     check_datasets_registered(cfg, args.config_file, getattr(args, "eval_only", False))
     check_output_folder(cfg.OUTPUT_DIR)
-    default_setup(cfg, args)
+    with naming_write_errors(cfg.OUTPUT_DIR, NO_ROOM_ADVICE):  # it dumps config.yaml there
+        default_setup(cfg, args)
     # default_setup configures detectron2's and fvcore's loggers only: ours log into the same
     # console and OUTPUT_DIR/log.txt.
     setup_logger(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint import SpineCheckpointer
+from ..atomic import naming_write_errors
+from ..checkpoint import RESUME_ADVICE, SpineCheckpointer
 from ..zoi.export import export_datasets
 from .hooks import ZOIExportHook
-from .setup import setup
+from .setup import NO_ROOM_ADVICE, setup
 from .trainer import SpineTrainer
 
 __all__ = ["main", "train_args"]
@@ -32,15 +33,20 @@ def main(args):
     """Train (optionally resuming) or, with ``--eval-only``, evaluate MODEL.WEIGHTS; with
     ZOI.EXPORT_AFTER_EVAL the evaluation is followed by the ZOI export in both cases."""
     cfg = setup(args)
+    # A full disk under detectron2's writers (metrics.json, evaluation results) raises an
+    # OSError that names no file: one line naming the output folder instead. The package's own
+    # writers (checkpoints, exports) name their file first.
     if args.eval_only:
-        model = SpineTrainer.build_model(cfg)
-        SpineCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        results = SpineTrainer.test(cfg, model)
-        if cfg.ZOI.EXPORT_AFTER_EVAL:
-            ZOIExportHook(0, lambda: export_datasets(cfg, model)).export_now()
-        return results
-    trainer = SpineTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+        with naming_write_errors(cfg.OUTPUT_DIR, NO_ROOM_ADVICE):
+            model = SpineTrainer.build_model(cfg)
+            SpineCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=args.resume
+            )
+            results = SpineTrainer.test(cfg, model)
+            if cfg.ZOI.EXPORT_AFTER_EVAL:
+                ZOIExportHook(0, lambda: export_datasets(cfg, model)).export_now()
+            return results
+    with naming_write_errors(cfg.OUTPUT_DIR, RESUME_ADVICE):
+        trainer = SpineTrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        return trainer.train()

@@ -74,11 +74,7 @@ class SpineTrainer(DefaultTrainer):
             cfg.defrost()
             cfg.SOLVER.AMP.ENABLED = False
             cfg.freeze()
-        super().__init__(cfg)
-        # Same checkpointer, but weights are verified against their manifest before loading.
-        self.checkpointer = SpineCheckpointer(
-            self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
+        super().__init__(cfg)  # its checkpointer is replaced in build_hooks
         if cpu_amp:
             t = self._trainer
             self._trainer = CPUAutocastTrainer(t.model, t.data_loader, t.optimizer)
@@ -182,6 +178,12 @@ class SpineTrainer(DefaultTrainer):
         return [ZOIExportHook(period, lambda: export_datasets(cfg, self.model))]
 
     def build_hooks(self):
+        # DefaultTrainer builds its checkpointer just before it calls this: ours replaces it
+        # here, not after __init__, because the periodic checkpointer hook keeps the one it is
+        # given. Ours verifies weights before loading and saves through a temporary name.
+        self.checkpointer = SpineCheckpointer(
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         ret = super().build_hooks()
         # Before the writer, so that what the export hooks log is written in the same step.
         writer_at = next(

@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 from detectron2.data import DatasetCatalog
 
 from spine_d2.engine import main
@@ -96,3 +97,81 @@ def test_the_seed_a_run_logs_repeats_it(synthetic_train, train_args, tmp_path):
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_full_disk_mid_training_is_one_line_and_leaves_whole_checkpoints(
+    synthetic_train, train_args, tmp_path, monkeypatch
+):
+    """The periodic checkpointer saves through a temporary name: the disk filling up while
+    model_0000003.pth is written leaves model_0000001.pth whole and named by last_checkpoint,
+    no half file under any name, and one line naming the file; --resume then ends the run."""
+    import errno
+
+    import torch
+
+    from spine_d2.errors import OutputError
+
+    out = tmp_path / "run"
+    opts = ("SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0")
+    real_save, saves = torch.save, []
+
+    def save_then_fill_up(obj, f, *a, **k):
+        saves.append(getattr(f, "name", f))
+        if len(saves) == 2:  # as torch.save fails: its zip writer's RuntimeError on top
+            f.write(b"half a checkpoint")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_then_fill_up)
+    with pytest.raises(OutputError) as e:
+        main(train_args(out, *opts))
+    assert str(e.value) == (
+        f"{out / 'model_0000003.pth'}: cannot write it (No space left on device): the "
+        "checkpoints written before it are whole and last_checkpoint names the newest; make "
+        "room (or copy OUTPUT_DIR elsewhere) and run again with --resume"
+    )
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000001.pth"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert torch.load(out / "model_0000001.pth", weights_only=False)["iteration"] == 1
+
+    monkeypatch.setattr(torch, "save", real_save)
+    main(train_args(out, *opts, resume=True))
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 3
+
+
+@pytest.mark.parametrize("stops_at", ["config.yaml", "coco_instances_results.json"])
+def test_a_full_disk_under_detectron2s_writers_names_the_output_folder(
+    synthetic_train, train_args, tmp_path, monkeypatch, stops_at
+):
+    """detectron2 dumps the config and COCOEvaluator its results itself; the OSError of a full
+    disk there names no file, so the line names OUTPUT_DIR."""
+    import errno
+    import io
+
+    from detectron2.evaluation import coco_evaluation
+
+    from spine_d2.errors import OutputError
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "eval"
+    real_open = coco_evaluation.PathManager.open
+
+    def open_full(path, mode="r", *a, **k):
+        if "w" in mode and str(path).startswith(str(out)) and str(path).endswith(stops_at):
+            return FullDisk()
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(coco_evaluation.PathManager, "open", open_full)
+    with pytest.raises(OutputError) as e:
+        main(train_args(out, eval_only=True))
+    assert str(e.value) == (
+        f"{out}: cannot write it (No space left on device): make room (or set another "
+        "OUTPUT_DIR) and run again"
+    )
