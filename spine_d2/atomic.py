@@ -99,6 +99,24 @@ def atomic_path(path: PathLike, advice: str = "") -> Iterator[Path]:
             raise
 
 
+def sweep_temporaries(folder: PathLike, pattern: str, older_than_s: float = 900.0) -> list:
+    """Remove the temporary files (``temporary_name``) of outputs matching ``pattern`` (a glob
+    of final names, e.g. ``*.pth``) that a writer killed outright (SIGKILL, the OOM killer, a
+    preempted job: no cleanup ran) left in ``folder``, and return their paths. Only those
+    untouched for ``older_than_s``: a live writer's file grows, so its time is always recent."""
+    import time
+
+    now, removed = time.time(), []
+    for tmp in Path(folder).glob(f".{pattern}.*-*.tmp*"):
+        try:
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            pass
+    return removed
+
+
 @contextmanager
 def atomic_open(path: PathLike, mode: str = "w", advice: str = "", **kwargs):
     """``open(path, mode)`` for writing through :func:`atomic_path`; text defaults to UTF-8."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .atomic import atomic_open, write_atomic
+from .atomic import atomic_open, sweep_temporaries, write_atomic
 from .data.io import file_sha256
 from .errors import CheckpointError, one_line, torch_load_reason
 
@@ -100,13 +100,20 @@ class SpineCheckpointer(DetectionCheckpointer):
     def save(self, name, **kwargs):
         """fvcore writes a checkpoint in place, so a full disk or a kill mid-write left a
         truncated ``model_XXXX.pth`` under its final name. Here (a local ``save_dir``) it is
-        written to a temporary name and renamed, and a full disk is one line naming it."""
+        written to a temporary name and renamed, and a full disk is one line naming it; the
+        partial files of a run killed while saving are removed at the next save."""
         if not self.save_dir or not self.save_to_disk or "://" in self.save_dir:
             return super().save(name, **kwargs)
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
+        stale = sweep_temporaries(self.save_dir, "*.pth")
+        if stale:
+            self.logger.warning(
+                f"Removed {len(stale)} partial checkpoint(s) of a run killed while saving: "
+                + ", ".join(p.name for p in stale)
+            )
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")

@@ -355,3 +355,29 @@ def test_package_weights_times_a_resumed_stage_without_the_pause(tmp_path):
     assert package_weights._log_times(log) == [1800.0, 2400.0 + 1200.0]
     log.write_text(log.read_text().split("not a stamped")[0])  # never resumed: as before
     assert package_weights._log_times(log) == [1800.0]
+
+
+def test_saving_removes_the_partial_checkpoints_of_a_killed_run_only(tmp_path, caplog):
+    """A SIGKILL mid-save leaves the hidden temporary file (no cleanup runs): the next save
+    removes it, but not the file of a writer still at work (recently written)."""
+    import os
+    import time
+
+    from spine_d2.atomic import temporary_name
+
+    run = tmp_path / "run"
+    run.mkdir()
+    killed = temporary_name(run / "model_0000999.pth")
+    killed.write_bytes(b"half of a checkpoint")
+    an_hour_ago = time.time() - 3600
+    os.utime(killed, (an_hour_ago, an_hour_ago))
+    writing = temporary_name(run / "model_final.pth")
+    writing.write_bytes(b"in progress")
+    SpineCheckpointer(nn.Linear(4, 3), save_dir=str(run)).save("model_0001999")
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [writing.name, "last_checkpoint", "model_0001999.pth"]
+    )
+    assert (run / "last_checkpoint").read_text() == "model_0001999.pth"
+    assert f"Removed 1 partial checkpoint(s) of a run killed while saving: {killed.name}" in (
+        caplog.text
+    )
