@@ -20,6 +20,7 @@ import math
 import os
 import secrets
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
@@ -104,8 +105,6 @@ def sweep_temporaries(folder: PathLike, pattern: str, older_than_s: float = 900.
     of final names, e.g. ``*.pth``) that a writer killed outright (SIGKILL, the OOM killer, a
     preempted job: no cleanup ran) left in ``folder``, and return their paths. Only those
     untouched for ``older_than_s``: a live writer's file grows, so its time is always recent."""
-    import time
-
     now, removed = time.time(), []
     for tmp in Path(folder).glob(f".{pattern}.*-*.tmp*"):
         try:
