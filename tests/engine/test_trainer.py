@@ -143,12 +143,26 @@ def test_a_full_disk_mid_training_is_one_line_and_leaves_whole_checkpoints(
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 3
 
 
-@pytest.mark.parametrize("stops_at", ["config.yaml", "coco_instances_results.json"])
+_AGAIN = "make room (or set another OUTPUT_DIR) and run again"
+_RESUME = (
+    "its checkpoints are whole and last_checkpoint names the newest; make room (or copy "
+    "OUTPUT_DIR elsewhere) and run again with --resume"
+)
+
+
+@pytest.mark.parametrize(
+    "stops_at, eval_only, advice",
+    [
+        ("config.yaml", True, _AGAIN),
+        ("coco_instances_results.json", True, _AGAIN),
+        ("metrics.json", False, _RESUME),
+    ],
+)
 def test_a_full_disk_under_detectron2s_writers_names_the_output_folder(
-    synthetic_train, train_args, tmp_path, monkeypatch, stops_at
+    synthetic_train, train_args, tmp_path, monkeypatch, stops_at, eval_only, advice
 ):
-    """detectron2 dumps the config and COCOEvaluator its results itself; the OSError of a full
-    disk there names no file, so the line names OUTPUT_DIR."""
+    """detectron2 dumps the config, COCOEvaluator its results and the trainer its metrics
+    itself; the OSError of a full disk there names no file, so the line names OUTPUT_DIR."""
     import errno
     import io
 
@@ -161,17 +175,15 @@ def test_a_full_disk_under_detectron2s_writers_names_the_output_folder(
             raise OSError(errno.ENOSPC, "No space left on device")
 
     out = tmp_path / "eval"
-    real_open = coco_evaluation.PathManager.open
+    real_open = coco_evaluation.PathManager.open  # detectron2's one PathManager
 
     def open_full(path, mode="r", *a, **k):
-        if "w" in mode and str(path).startswith(str(out)) and str(path).endswith(stops_at):
+        if mode[0] in "wa" and str(path).startswith(str(out)) and str(path).endswith(stops_at):
             return FullDisk()
         return real_open(path, mode, *a, **k)
 
     monkeypatch.setattr(coco_evaluation.PathManager, "open", open_full)
+    opts = () if eval_only else ("SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0")
     with pytest.raises(OutputError) as e:
-        main(train_args(out, eval_only=True))
-    assert str(e.value) == (
-        f"{out}: cannot write it (No space left on device): make room (or set another "
-        "OUTPUT_DIR) and run again"
-    )
+        main(train_args(out, *opts, eval_only=eval_only))
+    assert str(e.value) == f"{out}: cannot write it (No space left on device): {advice}"
