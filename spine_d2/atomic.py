@@ -59,7 +59,7 @@ def naming_write_errors(path: PathLike, advice: str = "") -> Iterator[None]:
     except OutputError:
         raise
     except Exception as e:
-        code = _no_room(e)
+        code = full_disk_errno(e)
         if code is None:
             raise
         advice = advice or (
@@ -68,7 +68,7 @@ def naming_write_errors(path: PathLike, advice: str = "") -> Iterator[None]:
         raise OutputError(f"{path}: cannot write it ({os.strerror(code)}): {advice}") from e
 
 
-def _no_room(e: BaseException) -> int | None:
+def full_disk_errno(e: BaseException) -> int | None:
     """The errno of a full disk behind ``e``: raised itself, or the cause of what was raised
     (``torch.save`` meets the OSError in its zip writer and raises a RuntimeError on top)."""
     seen = set()

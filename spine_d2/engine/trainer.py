@@ -19,10 +19,11 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
-from ..atomic import write_json
+from ..atomic import full_disk_errno, write_json
 from ..checkpoint import SpineCheckpointer
 from ..data.mapper import XrayDatasetMapper
 from ..data.sampler import MixedDatasetSampler, dataset_mix
+from ..errors import OutputError
 from ..evaluation.vertebra import VertebraEvaluator
 from ..modeling.precision import inference_autocast
 from ..zoi.export import export_datasets
@@ -60,6 +61,15 @@ class CPUAutocastTrainer(SimpleTrainer):
         losses.backward()
         self._write_metrics(loss_dict, data_time)
         self.optimizer.step()
+
+
+class _NoTracebackForAFullDisk(logging.Filter):
+    """detectron2's train loop logs a traceback for whatever stops training; a full disk is
+    reported in one line (``errors.OutputError``) by the tool, and its traceback is noise."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or (not isinstance(exc, OutputError) and full_disk_errno(exc) is None)
 
 
 class SpineTrainer(DefaultTrainer):
@@ -176,6 +186,15 @@ class SpineTrainer(DefaultTrainer):
             return []
         period = cfg.TEST.EVAL_PERIOD if cfg.ZOI.EXPORT_EVERY_EVAL else 0
         return [ZOIExportHook(period, lambda: export_datasets(cfg, self.model))]
+
+    def train(self):
+        loop_logger = logging.getLogger("detectron2.engine.train_loop")
+        quiet = _NoTracebackForAFullDisk()
+        loop_logger.addFilter(quiet)
+        try:
+            return super().train()
+        finally:
+            loop_logger.removeFilter(quiet)
 
     def build_hooks(self):
         # DefaultTrainer builds its checkpointer just before it calls this: ours replaces it

@@ -1,6 +1,8 @@
 """SpineTrainer end to end on a synthetic dataset: train, checkpoint, resume, eval-only."""
 
+import contextlib
 import json
+import logging
 import math
 
 import pytest
@@ -99,6 +101,34 @@ def test_the_seed_a_run_logs_repeats_it(synthetic_train, train_args, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+@contextlib.contextmanager
+def _loop_records():
+    """What detectron2's train loop logs (its logger does not propagate to caplog's)."""
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    loop = logging.getLogger("detectron2.engine.train_loop")
+    loop.addHandler(handler)
+    try:
+        yield records
+    finally:
+        loop.removeHandler(handler)
+
+
+def test_other_errors_in_training_keep_detectron2s_traceback(
+    synthetic_train, train_args, tmp_path, monkeypatch
+):
+    import torch
+
+    def broken_save(*a, **k):
+        raise RuntimeError("not a full disk")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    opts = ("SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1", "TEST.EVAL_PERIOD", "0")
+    with _loop_records() as logged, pytest.raises(RuntimeError, match="not a full disk"):
+        main(train_args(tmp_path / "run", *opts))
+    assert [r.getMessage() for r in logged if r.exc_info] == ["Exception during training:"]
+
+
 def test_a_full_disk_mid_training_is_one_line_and_leaves_whole_checkpoints(
     synthetic_train, train_args, tmp_path, monkeypatch
 ):
@@ -126,8 +156,9 @@ def test_a_full_disk_mid_training_is_one_line_and_leaves_whole_checkpoints(
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save_then_fill_up)
-    with pytest.raises(OutputError) as e:
+    with _loop_records() as logged, pytest.raises(OutputError) as e:
         main(train_args(out, *opts))
+    assert not [r for r in logged if r.exc_info]  # the one line, not detectron2's traceback too
     assert str(e.value) == (
         f"{out / 'model_0000003.pth'}: cannot write it (No space left on device): the "
         "checkpoints written before it are whole and last_checkpoint names the newest; make "
@@ -184,6 +215,7 @@ def test_a_full_disk_under_detectron2s_writers_names_the_output_folder(
 
     monkeypatch.setattr(coco_evaluation.PathManager, "open", open_full)
     opts = () if eval_only else ("SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0")
-    with pytest.raises(OutputError) as e:
+    with _loop_records() as logged, pytest.raises(OutputError) as e:
         main(train_args(out, *opts, eval_only=eval_only))
+    assert not [r for r in logged if r.exc_info]
     assert str(e.value) == f"{out}: cannot write it (No space left on device): {advice}"
