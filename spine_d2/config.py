@@ -195,4 +195,8 @@ def add_spine_config(cfg):
     # found starts below first or stops above last, the levels beyond its ends are reported as
     # suspected missing too (a gap whose "after" or "before" is null); [] = the ends unchecked
     _C.ZOI.EXPECTED_LEVELS = []
+    # A scan whose level names beat the same chain named one level up or down by less than
+    # this many nats of the decoder's evidence (``level_margin`` in the manifest) is listed in
+    # level_conflicts as "uncertain": check its names. Model-specific; 0 = never.
+    _C.ZOI.LEVEL_MARGIN = 0.0
     return cfg

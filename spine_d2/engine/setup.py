@@ -112,6 +112,11 @@ def build_config(config_file: str, opts=()):
             f"ZOI.SCORE_THRESH in [0, 1] (--batch-size, --workers, --min-score), got "
             f"{zoi.BATCH_SIZE}, {zoi.NUM_WORKERS} and {zoi.SCORE_THRESH}"
         )
+    if not cfg.ZOI.LEVEL_MARGIN >= 0:
+        raise SpineError(
+            f"{config_file}: ZOI.LEVEL_MARGIN must be >= 0 nats (0: never flag), got "
+            f"{cfg.ZOI.LEVEL_MARGIN}"
+        )
     expected = list(cfg.ZOI.EXPECTED_LEVELS)
     if expected and not (
         len(expected) == 2

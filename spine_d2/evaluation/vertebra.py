@@ -31,7 +31,7 @@ from detectron2.utils.logger import create_small_table
 
 from ..atomic import atomic_open
 from ..config import VERTEBRA_LEVELS
-from ..zoi.extract import chain_repeats, chain_suspected_missing
+from ..zoi.extract import chain_repeats, chain_suspected_missing, level_margin, uncertain_levels
 from ..zoi.order import order_along_spine
 from .bootstrap import RATIOS, image_counts, ratio_intervals
 
@@ -92,7 +92,8 @@ class VertebraEvaluator(DatasetEvaluator):
       (reported whole). What a missed vertebra must never be is silent; absent when none is
       unpaired. Per image, ``unreported`` lists the levels of the silent ones.
     - ``images_with_level_conflicts``: images whose ZOI export would list ``level_conflicts``
-      (two neighbours named alike although apart), and ``misnamed_images_flagged``: the share
+      (two neighbours named alike although apart, or with ``level_margin`` a chain whose names
+      are not sure), and ``misnamed_images_flagged``: the share
       of images with a wrong level that it flags (absent when none has one); with levels only.
       Per image, ``level_conflicts`` counts them.
 
@@ -115,6 +116,7 @@ class VertebraEvaluator(DatasetEvaluator):
         bootstrap=2000,
         gap_factor=1.6,
         expected_levels=(),
+        level_margin=0.0,
     ):
         """
         Args:
@@ -135,6 +137,8 @@ class VertebraEvaluator(DatasetEvaluator):
             gap_factor, expected_levels: ``ZOI.GAP_FACTOR`` and ``ZOI.EXPECTED_LEVELS``, to
                 say which missed vertebrae the ZOI export's ``suspected_missing`` would name
                 (``missed_unpaired_reported``).
+            level_margin: ``ZOI.LEVEL_MARGIN``: an image whose ``level_margin`` is under it
+                counts as flagged, as the export's "uncertain" level_conflicts entry does.
         """
         self._dataset_name = dataset_name
         self._iou_thresh = float(iou_thresh)
@@ -151,6 +155,7 @@ class VertebraEvaluator(DatasetEvaluator):
         self._model_levels = list(model_levels or VERTEBRA_LEVELS)
         self._gap_factor = float(gap_factor)
         self._expected_levels = list(expected_levels or [])
+        self._level_margin = float(level_margin)
         self._gt = None  # image_id -> ground truth, decoded once on first evaluate()
         self._predictions = []
 
@@ -167,6 +172,7 @@ class VertebraEvaluator(DatasetEvaluator):
             bootstrap=cfg.SPINE.EVAL.BOOTSTRAP,
             gap_factor=cfg.ZOI.GAP_FACTOR,
             expected_levels=cfg.ZOI.EXPECTED_LEVELS,
+            level_margin=cfg.ZOI.LEVEL_MARGIN,
         )
 
     def reset(self):
@@ -197,6 +203,10 @@ class VertebraEvaluator(DatasetEvaluator):
             kept = instances[torch.as_tensor(keep, dtype=torch.long)]  # full-size masks: once
             levels = None if pred_levels is None else [pred_levels[i] for i in keep]
             reported, conflicts = self._chain_report(kept, levels)
+            margin = level_margin(instances)
+            named = [{"id": i, "level": lvl} for i, lvl in enumerate(levels or [])]
+            if uncertain_levels(named, margin, self._level_margin):
+                conflicts += 1  # the export's "uncertain" entry
             self._predictions.append(
                 {
                     "image_id": inp["image_id"],
@@ -206,6 +216,7 @@ class VertebraEvaluator(DatasetEvaluator):
                     "levels": levels,
                     "reported": reported,
                     "level_conflicts": conflicts,
+                    "level_margin": margin,
                 }
             )
 
@@ -335,6 +346,7 @@ class VertebraEvaluator(DatasetEvaluator):
             errors["unreported"] = [gt["levels"][g] for g, ok in zip(lost, told) if not ok]
             # would the export's manifest warn that this image's names disagree?
             errors["level_conflicts"] = pred.get("level_conflicts", 0)
+            errors["level_margin"] = pred.get("level_margin")
             flagged += errors["level_conflicts"] > 0
             misnamed += image_hits < image_pairs
             misnamed_flagged += image_hits < image_pairs and errors["level_conflicts"] > 0

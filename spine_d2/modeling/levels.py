@@ -38,7 +38,7 @@ from ..errors import SpineError
 from ..zoi.order import order_along_spine
 from .jsonfile import read_model_json, write_model_json
 
-__all__ = ["LevelPrior", "decode_levels"]
+__all__ = ["LevelPrior", "decode_levels", "shift_margin"]
 
 PRIOR_FORMAT = "spine_d2.level_prior/1"
 
@@ -99,6 +99,26 @@ def decode_levels(
     out = np.zeros(n, dtype=np.int64)
     out[order] = path
     return out
+
+
+def shift_margin(evidence: np.ndarray, decoded: np.ndarray) -> float:
+    """How far the decoded names beat the same chain named one level up or down, in nats of
+    the decoder's evidence (N x L, as given to :func:`decode_levels`): the smaller of the two
+    differences. A shift keeps every jump, so the transition and spacing costs cancel and only
+    the evidence counts. Films named one level off end to end are the level decoder's usual
+    error (docs/results-aasce.md, "Where the names slide"), and a small margin is where they
+    are (docs/results-aasce.md, "How sure the names are"). ``inf`` when neither shift fits in
+    the L levels."""
+    evidence = np.asarray(evidence, dtype=np.float64)
+    decoded = np.asarray(decoded, dtype=np.int64)
+    rows = np.arange(len(decoded))
+    best = float(evidence[rows, decoded].sum())
+    margin = np.inf
+    for shift in (-1, 1):
+        moved = decoded + shift
+        if len(moved) and moved.min() >= 0 and moved.max() < evidence.shape[1]:
+            margin = min(margin, best - float(evidence[rows, moved].sum()))
+    return margin
 
 
 @dataclass

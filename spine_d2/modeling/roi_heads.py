@@ -43,7 +43,7 @@ from fvcore.nn import smooth_l1_loss
 from torch import nn
 
 from .end_classifier import EndClassifier, add_end_evidence, end_rows
-from .levels import LevelPrior, decode_levels
+from .levels import LevelPrior, decode_levels, shift_margin
 from .rescorer import DetectionRescorer, file_sha256, maskness, rescore_features
 from .rescue import rescue_chain
 from .soft_nms import SOFT_NMS_METHODS, soft_nms_inference
@@ -607,6 +607,7 @@ class LevelROIHeads(StandardROIHeads):
             rescued[torch.as_tensor(picked, dtype=torch.long, device=rescued.device)] = True
         inst.pred_rescued = rescued
         confident = (accepted | rescued).nonzero().flatten()
+        margin = float("nan")  # no chain to name
         if len(confident) >= 2:
             boxes = inst.pred_boxes[confident]
             centers = boxes.get_centers().cpu().numpy()
@@ -624,6 +625,9 @@ class LevelROIHeads(StandardROIHeads):
                 self.spacing_weight,
             )
             levels[confident] = torch.as_tensor(decoded, device=levels.device)
+            margin = shift_margin(evidence, decoded)
         inst.pred_levels = levels
+        # one value per image, kept on every instance (Instances hold per-instance fields)
+        inst.level_margin = torch.full((len(inst),), margin, device=levels.device)
         inst.level_scores = log_probs.gather(1, levels[:, None])[:, 0].exp()
         inst.level_log_probs = log_probs

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -37,7 +38,7 @@ from ..data.augment import build_xray_augmentations
 from ..data.io import file_sha256, read_scan
 from ..errors import SpineError
 from ..modeling.precision import inference_autocast
-from .extract import extract_zois, level_conflicts, scale_to_original
+from .extract import extract_zois, level_conflicts, scale_to_original, uncertain_levels
 from .manifest import SCHEMA_VERSION, append_line, compact_manifest, load_manifest, open_for_append
 from .sources import ScanItem, check_output_dir, items_from_dataset, shard
 
@@ -56,12 +57,18 @@ _HASHED_ZOI_KEYS = (
     "ANCHOR_AT",
     "GAP_FACTOR",
     "EXPECTED_LEVELS",
+    "LEVEL_MARGIN",
 )
 
 
 # SPINE nodes that change what the model outputs at inference (decoding of levels, ranking,
 # rescue, rescorer); the rest of SPINE (datasets, optimizer, evaluation) does not.
 _HASHED_SPINE_KEYS = ("LEVELS", "LEVEL_HEAD", "NMS", "MASK_RESCORE", "RESCORER")
+
+
+def _finite_or_none(margin):
+    """``level_margin`` for the manifest: null without a named chain or when no shift fits."""
+    return round(margin, 3) if margin is not None and math.isfinite(margin) else None
 
 
 def _side_file_sha256(path: str) -> str:
@@ -269,8 +276,19 @@ class ZOIExporter:
             for r in ready
         ]
         t0 = time.perf_counter()
+        # Only scans of one (resized) shape share a forward pass. A scan padded to a larger
+        # neighbour's size is normalised (GroupNorm) over that padding too, so its detections,
+        # levels and margin would depend on which scans share its batch: on the 91 real val
+        # films, 7 got another number of ZOIs and 8 other names at batch 4 than at batch 1.
+        shapes = {}
+        for k, r in enumerate(ready):
+            shapes.setdefault(tuple(r["image"].shape), []).append(k)
+        raw = [None] * len(ready)
         with self.inference_context():
-            raw = self.model.inference(inputs, do_postprocess=False)
+            for group in shapes.values():
+                outputs = self.model.inference([inputs[k] for k in group], do_postprocess=False)
+                for k, inst in zip(group, outputs):
+                    raw[k] = inst
         levels = list(self.cfg.SPINE.LEVELS)
         preds = []
         for r, inst in zip(ready, raw):
@@ -337,7 +355,9 @@ class ZOIExporter:
             "model": self.model_info,
             "zois": entries,
             "suspected_missing": missing,
-            "level_conflicts": level_conflicts(entries),
+            "level_conflicts": level_conflicts(entries)
+            + uncertain_levels(entries, pred.level_margin, self.cfg.ZOI.LEVEL_MARGIN),
+            "level_margin": _finite_or_none(pred.level_margin),
         }
         if self.overlays:
             self._write_overlay(out, item, r, entries)

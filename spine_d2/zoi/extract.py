@@ -29,6 +29,8 @@ __all__ = [
     "ScanPredictions",
     "chain_repeats",
     "level_conflicts",
+    "level_margin",
+    "uncertain_levels",
     "scale_to_original",
     "paste_mask_local",
     "rle_from_local",
@@ -46,6 +48,8 @@ class ScanPredictions:
     classes: torch.Tensor  # N int64
     mask_probs: torch.Tensor  # N x M x M float32
     levels: list | None = None  # per instance, when the model predicts levels
+    # the level decoder's margin for the scan (``modeling.levels.shift_margin``), when known
+    level_margin: float | None = None
 
     def __len__(self):
         return len(self.scores)
@@ -74,7 +78,27 @@ def scale_to_original(
         classes=instances.pred_classes[keep],
         mask_probs=instances.pred_masks[keep][:, 0].float(),
         levels=None if levels is None else [levels[i] for i in idx],
+        level_margin=level_margin(instances),
     )
+
+
+def level_margin(instances) -> float | None:
+    """The scan's ``level_margin`` (one value kept on every instance); None without a chain
+    the decoder named (no level head, or fewer than two confident detections)."""
+    if not len(instances) or not instances.has("level_margin"):
+        return None
+    margin = float(instances.level_margin[0])
+    return None if math.isnan(margin) else margin
+
+
+def uncertain_levels(entries, margin, threshold: float) -> list:
+    """The manifest's ``level_conflicts`` entry of a scan whose names are not sure: ``margin``
+    (``level_margin``) under ``threshold`` (ZOI.LEVEL_MARGIN; 0: never) is
+    ``{"reason": "uncertain", "ids": the named ZOIs, "level": the first name}``."""
+    named = [e for e in entries if e["level"] is not None]
+    if threshold <= 0 or margin is None or not named or not margin < threshold:
+        return []
+    return [{"reason": "uncertain", "ids": [e["id"] for e in named], "level": named[0]["level"]}]
 
 
 def paste_mask_local(prob: torch.Tensor, box, height: int, width: int, threshold: float = 0.5):

@@ -111,8 +111,16 @@ def check_manifest_line(line: dict) -> None:
     # Optional: manifests written before it existed lack it.
     for c in line.get("level_conflicts", []):
         _check_keys(c, _CONFLICT_KEYS, "level_conflicts")
-        if c["reason"] != "repeat" or len(c["ids"]) != 2:
-            raise ValueError(f"level_conflicts: expected a repeat of two ids, got {c}")
+        if not (
+            (c["reason"] == "repeat" and len(c["ids"]) == 2)
+            or (c["reason"] == "uncertain" and c["ids"])
+        ):
+            raise ValueError(
+                f"level_conflicts: expected a repeat of two ids or an uncertain chain, got {c}"
+            )
+    margin = line.get("level_margin")  # optional too: infinite (no shift fits) is null
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise ValueError(f"scan: 'level_margin' has type {type(margin).__name__}")
     if not line["zois"] and not line["suspected_missing"]:
         raise ValueError("scan: no ZOIs and nothing suspected missing")
 

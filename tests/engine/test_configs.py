@@ -250,3 +250,11 @@ def test_tools_print_one_line_for_a_broken_config(tmp_path):
         with pytest.raises(SystemExit) as e:
             run_cli(lambda: result, "bench_align")
         assert e.value.code == 0
+
+
+def test_a_negative_level_margin_is_a_one_line_error():
+    from spine_d2.errors import SpineError
+
+    config = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
+    with pytest.raises(SpineError, match=r"ZOI.LEVEL_MARGIN must be >= 0 nats .*got -1.0"):
+        build_config(config, ["ZOI.LEVEL_MARGIN", "-1.0"])

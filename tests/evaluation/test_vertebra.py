@@ -434,3 +434,30 @@ def test_images_whose_names_disagree_are_counted_as_the_export_would_flag_them()
     assert m["images_with_level_conflicts"] == 1.0
     assert m["misnamed_images_flagged"] == 0.5
     assert per_image == {0: 1, 1: 0, 2: 0}
+
+
+def test_a_chain_named_by_a_thin_margin_is_flagged_as_the_export_would():
+    """Image 1 is named one level off with no repeat: silent by repeats alone, flagged when its
+    level_margin (the decoder's lead over the chain named one level off) is under
+    ZOI.LEVEL_MARGIN. Image 2, named right by a wide margin, is not flagged."""
+    records = two_images() + [
+        image_record(2, [gt_annotation(r, level=l) for r, l in zip(RECTS, LEVELS)])
+    ]
+    masks = [rect_mask(*r) for r in RECTS]
+    outs = [prediction(masks) for _ in range(3)]
+    for out, names, margin in zip(
+        outs,
+        (["T12", "L1", "L2", "L2"], ["T12", "L1", "L2", "L3"], list(LEVELS)),
+        (30.0, 3.0, 20.0),
+    ):
+        out["pred_levels"] = names
+        out["instances"].level_margin = torch.full((len(masks),), margin)
+    with registered(records) as name:
+        flagged = []
+        for threshold in (0.0, 5.0, 25.0):
+            ev = VertebraEvaluator(name, bootstrap=0, output_dir=None, level_margin=threshold)
+            flagged.append(run(ev, [0, 1, 2], outs)["vertebra"])
+        per_image = ev._score({p["image_id"]: p for p in ev._predictions})[1]
+    assert [m["images_with_level_conflicts"] for m in flagged] == [1.0, 2.0, 3.0]
+    assert [m["misnamed_images_flagged"] for m in flagged] == [0.5, 1.0, 1.0]
+    assert [e["level_margin"] for e in per_image] == [30.0, 3.0, 20.0]

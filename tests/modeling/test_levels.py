@@ -10,6 +10,7 @@ from detectron2.utils.events import EventStorage
 from spine_d2.data.mapper import XrayDatasetMapper
 from spine_d2.engine.setup import build_config
 from spine_d2.modeling import LevelROIHeads, decode_levels
+from spine_d2.modeling.levels import shift_margin
 
 INSTANT = "configs/quick_schedules/spine_mask_rcnn_R_18_FPN_instant_test.yaml"
 
@@ -205,6 +206,33 @@ def test_label_levels_decodes_confident_detections_only(level_model):
     assert inst.level_log_probs.shape == (4, len(cfg.SPINE.LEVELS))
     assert torch.allclose(inst.level_log_probs.exp().sum(1), torch.ones(4))
     assert inst.level_log_probs[0].argmax() == 10
+
+
+def test_shift_margin_is_what_the_names_win_by_over_the_chain_one_level_off():
+    evidence = np.zeros((3, 6))
+    evidence[[0, 1, 2], [1, 2, 3]] = [2.0, 3.0, 4.0]  # named 1, 2, 3: 9 nats
+    evidence[0, 2] = 1.0  # named 2, 3, 4 instead: 1 nat; 0, 1, 2: 0 nats
+    assert shift_margin(evidence, np.array([1, 2, 3])) == pytest.approx(8.0)
+    evidence[2, 2] = 8.5  # now 0, 1, 2 is nearly as good
+    assert shift_margin(evidence, np.array([1, 2, 3])) == pytest.approx(0.5)
+    assert shift_margin(np.zeros((6, 6)), np.arange(6)) == np.inf  # no shift fits
+
+
+def test_label_levels_keeps_the_scans_margin_on_every_instance(level_model):
+    cfg, model = level_model
+    heads = model.roi_heads
+    heads.level_score_thresh = 0.5
+    inst = Instances((128, 128))
+    inst.pred_boxes = Boxes(torch.tensor([[50, y, 80, y + 12] for y in (10.0, 30.0, 50.0)]))
+    inst.scores = torch.tensor([0.9, 0.9, 0.1])
+    logits = torch.zeros(3, len(cfg.SPINE.LEVELS))
+    logits[0, 10] = 9.0
+    heads._label_levels(inst, logits)
+    margins = inst.level_margin.tolist()
+    assert len(set(margins)) == 1 and 0 < margins[0] < np.inf
+    alone = inst[torch.tensor([0, 2])]  # one confident detection: no chain to name
+    heads._label_levels(alone, logits[[0, 2]])
+    assert torch.isnan(alone.level_margin).all()
 
 
 def _framed_films(n_films=6, levels=("T1", "T2", "T3", "T4", "T5"), height=200.0, seed=0):

@@ -86,13 +86,79 @@ def test_manifest_level_conflicts_are_checked_and_optional(
     check_manifest_line(line)
     line["level_conflicts"] = [{"reason": "repeat", "ids": [3, 4], "level": "L5"}]
     check_manifest_line(line)
+    line["level_conflicts"] = [{"reason": "uncertain", "ids": [0, 1, 2], "level": "T1"}]
+    check_manifest_line(line)
     for bad in (
         {"reason": "repeat", "ids": [3], "level": "L5"},
         {"reason": "repeat", "ids": [3, 4]},
+        {"reason": "uncertain", "ids": [], "level": "T1"},
+        {"reason": "unsure", "ids": [3, 4], "level": "L5"},
     ):
         line["level_conflicts"] = [bad]
         with pytest.raises(ValueError, match="level_conflicts"):
             check_manifest_line(line)
+    line["level_conflicts"] = []
+    for margin in (None, 3, 12.5):
+        line["level_margin"] = margin
+        check_manifest_line(line)
+    del line["level_margin"]  # written before the key existed
+    check_manifest_line(line)
+    line["level_margin"] = "12.5"
+    with pytest.raises(ValueError, match="'level_margin' has type str"):
+        check_manifest_line(line)
+
+
+def test_a_scan_named_by_a_thin_margin_is_listed_uncertain(
+    random_model, export_cfg, scan_folder, tmp_path
+):
+    """The manifest carries the level decoder's margin per scan; under ZOI.LEVEL_MARGIN the
+    scan's named ZOIs are listed as an "uncertain" level conflict, counted in the summary."""
+    items, roots = discover_scans([str(scan_folder / "a")])
+    runs = {}
+    for threshold in ("0.0", "1e9"):
+        out = tmp_path / threshold
+        summary = ZOIExporter(export_cfg("ZOI.LEVEL_MARGIN", threshold), random_model).export(
+            items, out, roots=roots, progress=False
+        )
+        runs[threshold] = (summary, _lines(out / "manifest.jsonl"))
+    named = [l for l in runs["0.0"][1] if any(z["level"] for z in l["zois"])]
+    assert named and all(isinstance(l["level_margin"], float) for l in named)
+    assert all(l["level_conflicts"] == [] for l in runs["0.0"][1])
+    for line in runs["1e9"][1]:
+        check_manifest_line(line)
+        ids = [z["id"] for z in line["zois"] if z["level"] is not None]
+        assert line["level_conflicts"] == (
+            [{"reason": "uncertain", "ids": ids, "level": line["zois"][0]["level"]}] if ids else []
+        )
+    assert runs["1e9"][0]["scans_with_level_conflicts"] == len(named)
+
+
+def test_a_scans_zois_do_not_depend_on_the_scans_batched_with_it(
+    random_model, export_cfg, scan_folder, tmp_path
+):
+    """Scans of other shapes in one batch were padded to the largest, and the GroupNorm layers
+    saw that padding: a scan's detections changed with its neighbours. Now only scans of one
+    shape share a forward pass, and batch 4 writes what batch 1 writes."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    scan = cv2.imread(str(next((scan_folder / "a").glob("*.png"))), -1)
+    for name, crop in (
+        ("tall.png", scan[:, 16:112]),
+        ("square.png", scan),
+        ("wide.png", scan[16:112]),
+    ):
+        cv2.imwrite(str(folder / name), np.ascontiguousarray(crop))
+    items, roots = discover_scans([str(folder)])
+    zois = {}
+    for batch in ("1", "4"):
+        out = tmp_path / f"batch{batch}"
+        cfg = export_cfg("ZOI.BATCH_SIZE", batch)
+        ZOIExporter(cfg, random_model).export(items, out, roots=roots, progress=False)
+        zois[batch] = {
+            l["path"]: (l["zois"], l["level_margin"]) for l in _lines(out / "manifest.jsonl")
+        }
+    assert len(zois["1"]) == 3 and any(z for z, _ in zois["1"].values())
+    assert zois["4"] == zois["1"]
 
 
 def test_npz_format(random_model, export_cfg, scan_folder, tmp_path):
