@@ -216,7 +216,8 @@ class VertebraEvaluator(DatasetEvaluator):
                     "levels": levels,
                     "reported": reported,
                     "level_conflicts": conflicts,
-                    "level_margin": margin,
+                    # inf (no shift fits) as null, as the manifest has it: strict JSON
+                    "level_margin": margin if margin is None or np.isfinite(margin) else None,
                 }
             )
 
