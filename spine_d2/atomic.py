@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
 
+from .errors import OutputError, SpineError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -52,8 +54,6 @@ def naming_write_errors(path: PathLike, advice: str = "") -> Iterator[None]:
     ``OSError`` of a failed ``write`` or ``flush`` names no file, and the tools print
     SpineErrors as one line. ``advice`` replaces the default "what now" that ends the line.
     Other OSErrors pass unchanged (an OutputError raised inside keeps its own, nearer name)."""
-    from .errors import OutputError
-
     try:
         yield
     except OutputError:
@@ -164,8 +164,6 @@ def single_writer(lock: PathLike, what: str):
     included, so no stale lock outlives a crash; the file itself names the holder (pid and
     host) for the message and is removed on release. Where ``fcntl`` is missing (Windows) the
     block runs unguarded."""
-    from .errors import SpineError
-
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on POSIX

@@ -60,11 +60,14 @@ def verify_weights(path) -> dict | None:
     return manifest
 
 
-# How a training run stopped by a full disk goes on: its files are whole (saved as above).
-RESUME_ADVICE = (
-    "the checkpoints written before it are whole and last_checkpoint names the newest; make "
-    "room (or copy OUTPUT_DIR elsewhere) and run again with --resume"
+# How a training run stopped by a full disk goes on: its files are whole (saved as below). The
+# line names the checkpoint, or OUTPUT_DIR when detectron2's own writers (metrics.json) stopped.
+_RESUME = (
+    "whole and last_checkpoint names the newest; make room (or copy OUTPUT_DIR elsewhere) and "
+    "run again with --resume"
 )
+RESUME_ADVICE = "the checkpoints written before it are " + _RESUME
+RESUME_ADVICE_FOLDER = "its checkpoints are " + _RESUME
 
 
 class SpineCheckpointer(DetectionCheckpointer):

@@ -21,7 +21,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from ..errors import ScanReadError
+from ..atomic import write_atomic
+from ..errors import DatasetError, ScanReadError
 
 __all__ = [
     "Scan",
@@ -374,9 +375,6 @@ def write_image(path: str | os.PathLike, pixels: np.ndarray) -> None:
     """``pixels`` to ``path`` in the format its suffix names, through a temporary name.
     Encoded in memory and written by Python rather than by ``cv2.imwrite``, which returns a
     bare False on a full disk: a failed write names its reason (a one-line OutputError)."""
-    from ..atomic import write_atomic
-    from ..errors import DatasetError
-
     suffix = Path(path).suffix
     try:
         ok, buf = cv2.imencode(suffix, pixels)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..atomic import naming_write_errors
-from ..checkpoint import SpineCheckpointer
+from ..checkpoint import RESUME_ADVICE_FOLDER, SpineCheckpointer
 from ..zoi.export import export_datasets
 from .hooks import ZOIExportHook
 from .setup import NO_ROOM_ADVICE, setup
@@ -46,15 +46,7 @@ def main(args):
             if cfg.ZOI.EXPORT_AFTER_EVAL:
                 ZOIExportHook(0, lambda: export_datasets(cfg, model)).export_now()
             return results
-    with naming_write_errors(cfg.OUTPUT_DIR, _RESUME_FROM_FOLDER):
+    with naming_write_errors(cfg.OUTPUT_DIR, RESUME_ADVICE_FOLDER):
         trainer = SpineTrainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         return trainer.train()
-
-
-# What a run stopped by a full disk under detectron2's writers does next (the line names the
-# folder; a checkpoint's own line says the same of its file: checkpoint.RESUME_ADVICE).
-_RESUME_FROM_FOLDER = (
-    "its checkpoints are whole and last_checkpoint names the newest; make room (or copy "
-    "OUTPUT_DIR elsewhere) and run again with --resume"
-)

@@ -31,7 +31,7 @@ from detectron2.utils.logger import create_small_table
 
 from ..atomic import atomic_open
 from ..config import VERTEBRA_LEVELS
-from ..zoi.extract import chain_repeats, chain_suspected_missing, level_margin, uncertain_levels
+from ..zoi.extract import chain_repeats, chain_suspected_missing, level_margin, levels_uncertain
 from ..zoi.order import order_along_spine
 from .bootstrap import RATIOS, image_counts, ratio_intervals
 
@@ -204,8 +204,8 @@ class VertebraEvaluator(DatasetEvaluator):
             levels = None if pred_levels is None else [pred_levels[i] for i in keep]
             reported, conflicts = self._chain_report(kept, levels)
             margin = level_margin(instances)
-            named = [{"id": i, "level": lvl} for i, lvl in enumerate(levels or [])]
-            if uncertain_levels(named, margin, self._level_margin):
+            named = any(lvl is not None for lvl in levels or [])
+            if named and levels_uncertain(margin, self._level_margin):
                 conflicts += 1  # the export's "uncertain" entry
             self._predictions.append(
                 {
@@ -216,8 +216,7 @@ class VertebraEvaluator(DatasetEvaluator):
                     "levels": levels,
                     "reported": reported,
                     "level_conflicts": conflicts,
-                    # inf (no shift fits) as null, as the manifest has it: strict JSON
-                    "level_margin": margin if margin is None or np.isfinite(margin) else None,
+                    "level_margin": margin,
                 }
             )
 

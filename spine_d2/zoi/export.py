@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -64,11 +63,6 @@ _HASHED_ZOI_KEYS = (
 # SPINE nodes that change what the model outputs at inference (decoding of levels, ranking,
 # rescue, rescorer); the rest of SPINE (datasets, optimizer, evaluation) does not.
 _HASHED_SPINE_KEYS = ("LEVELS", "LEVEL_HEAD", "NMS", "MASK_RESCORE", "RESCORER")
-
-
-def _finite_or_none(margin):
-    """``level_margin`` for the manifest: null without a named chain or when no shift fits."""
-    return round(margin, 3) if margin is not None and math.isfinite(margin) else None
 
 
 def _side_file_sha256(path: str) -> str:
@@ -357,7 +351,7 @@ class ZOIExporter:
             "suspected_missing": missing,
             "level_conflicts": level_conflicts(entries)
             + uncertain_levels(entries, pred.level_margin, self.cfg.ZOI.LEVEL_MARGIN),
-            "level_margin": _finite_or_none(pred.level_margin),
+            "level_margin": None if pred.level_margin is None else round(pred.level_margin, 3),
         }
         if self.overlays:
             self._write_overlay(out, item, r, entries)

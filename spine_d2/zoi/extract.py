@@ -30,6 +30,7 @@ __all__ = [
     "chain_repeats",
     "level_conflicts",
     "level_margin",
+    "levels_uncertain",
     "uncertain_levels",
     "scale_to_original",
     "paste_mask_local",
@@ -84,19 +85,26 @@ def scale_to_original(
 
 def level_margin(instances) -> float | None:
     """The scan's ``level_margin`` (one value kept on every instance); None without a chain
-    the decoder named (no level head, or fewer than two confident detections)."""
+    the decoder named (no level head, or fewer than two confident detections) and when no
+    shift fits (infinite: never uncertain, and strict JSON has no infinity)."""
     if not len(instances) or not instances.has("level_margin"):
         return None
     margin = float(instances.level_margin[0])
-    return None if math.isnan(margin) else margin
+    return margin if math.isfinite(margin) else None
+
+
+def levels_uncertain(margin, threshold: float) -> bool:
+    """Whether a scan's names are not sure: ``margin`` (``level_margin``) under ``threshold``
+    (ZOI.LEVEL_MARGIN; 0: never)."""
+    return threshold > 0 and margin is not None and margin < threshold
 
 
 def uncertain_levels(entries, margin, threshold: float) -> list:
-    """The manifest's ``level_conflicts`` entry of a scan whose names are not sure: ``margin``
-    (``level_margin``) under ``threshold`` (ZOI.LEVEL_MARGIN; 0: never) is
-    ``{"reason": "uncertain", "ids": the named ZOIs, "level": the first name}``."""
+    """The manifest's ``level_conflicts`` entry of a scan whose names are not sure
+    (:func:`levels_uncertain`): ``{"reason": "uncertain", "ids": the named ZOIs, "level": the
+    first name}``."""
     named = [e for e in entries if e["level"] is not None]
-    if threshold <= 0 or margin is None or not named or not margin < threshold:
+    if not named or not levels_uncertain(margin, threshold):
         return []
     return [{"reason": "uncertain", "ids": [e["id"] for e in named], "level": named[0]["level"]}]
 
